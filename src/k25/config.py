@@ -66,9 +66,14 @@ def _check_type(value: Any, expected: Any, where: str) -> Any:
     elif expected in ("str", str):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
-    elif expected in ("int | None",):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{where}: expected an integer or null, got {value!r}")
+    elif expected == "int | None" and value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer or null, got {value!r}")
+    elif expected == "dict | None" and value is not None and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected an object or null, got {value!r}")
+    elif expected == "list | None" and value is not None and not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list or null, got {value!r}")
+    elif expected == "list" and not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
     return value
 
 
@@ -227,7 +232,8 @@ class TextConfig:
                 raise bad("topk_group", f"must be in 1..n_group={self.n_group}")
             if self.n_group > 1 and self.n_routed_experts // self.n_group < 2:
                 raise bad("n_group", "group scoring sums the top-2 scores; each group needs >= 2 experts")
-            if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * (self.n_routed_experts // self.n_group):
+            per_group = self.n_routed_experts // self.n_group
+            if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * per_group:
                 raise bad("num_experts_per_tok", "more than the experts in the topk_group selected groups")
             if self.scoring_func != "sigmoid":
                 raise bad("scoring_func", "only 'sigmoid' (DeepSeek-V3/Kimi K2) is implemented")
