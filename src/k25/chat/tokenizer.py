@@ -110,9 +110,7 @@ def default_special_tokens(num_base_tokens: int) -> dict[int, tuple[str, bool]]:
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (used for Hugging Face token strings)."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     mapping = {b: chr(b) for b in printable}
     extra = 0
@@ -372,9 +370,7 @@ class KimiTokenizer:
         try:
             return self.special_tokens[name]
         except KeyError:
-            raise TokenizerError(
-                f"special token {name!r} is not in this vocabulary's reserved range"
-            ) from None
+            raise TokenizerError(f"special token {name!r} is not in this vocabulary's reserved range") from None
 
     def token_to_id(self, token: str) -> int:
         """Id of a special-token name (e.g. ``<|im_end|>``)."""

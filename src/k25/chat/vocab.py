@@ -30,9 +30,7 @@ def _hf_bytes(token: str) -> bytes:
     try:
         return bytes(BYTE_DECODER[c] for c in token)
     except KeyError as e:
-        raise TokenizerError(
-            f"trained token {token!r} has a character outside the byte alphabet: {e}"
-        ) from None
+        raise TokenizerError(f"trained token {token!r} has a character outside the byte alphabet: {e}") from None
 
 
 def train_bpe_ranks(texts: Iterable[str], size: int, *, min_frequency: int = 2) -> dict[bytes, int]:
@@ -107,4 +105,3 @@ def train_vocab(
     tokenizer = KimiTokenizer(out / "tiktoken.model")
     tokenizer.save_pretrained(out)
     return tokenizer
-
