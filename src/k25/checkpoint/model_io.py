@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from ..config import KIMI_K25_QUANTIZATION_CONFIG, K25Config
+from ..model.multimodal import K25ForConditionalGeneration
 from ..model.transformer import K25ForCausalLM
+from ..model.vision import MoonViT3d, PatchMergerMLP
 from .io import (
     TEXT_PREFIX,
     CheckpointError,
@@ -35,23 +37,56 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: K25Config) -> torch.d
         raise CheckpointError(f"dtype {name!r}: expected one of {sorted(DTYPES)}") from None
 
 
+K25Model = K25ForCausalLM | K25ForConditionalGeneration
+
+
+def _empty_model(config: K25Config, vision: bool | None) -> K25Model:
+    """The model class a config calls for, on the meta device (no memory)."""
+    if vision is None:
+        vision = config.vision_config is not None
+    if vision and config.vision_config is None:
+        raise CheckpointError("vision=True but the config has no vision_config")
+    with torch.device("meta"):
+        return K25ForConditionalGeneration(config) if vision else K25ForCausalLM(config.text_config)
+
+
+def _init_computed_buffers(model: K25Model) -> None:
+    text = model.language_model if isinstance(model, K25ForConditionalGeneration) else model
+    text.model.rotary_emb.reset()
+    if isinstance(model, K25ForConditionalGeneration):
+        model.vision_tower.init_buffers()
+
+
+def text_model(model: K25Model) -> K25ForCausalLM:
+    """The causal LM inside either model class."""
+    return model.language_model if isinstance(model, K25ForConditionalGeneration) else model
+
+
 def build_model(
     config: K25Config,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     seed: int | None = 0,
-) -> K25ForCausalLM:
-    """A randomly initialised text model (or an empty one on `device="meta"`, for accounting)."""
+    vision: bool | None = None,
+) -> K25Model:
+    """A randomly initialised model (or an empty one on `device="meta"`, for accounting).
+
+    The multimodal model when the config has a vision tower (unless `vision=False`).
+    """
     dtype = resolve_dtype(dtype, config)
+    model = _empty_model(config, vision)
     if str(device) == "meta":
-        with torch.device("meta"):
-            return K25ForCausalLM(config.text_config).to(dtype)
-    with torch.device("meta"):
-        model = K25ForCausalLM(config.text_config)
+        return model.to(dtype)
     model.to_empty(device=device)
-    model.model.rotary_emb.reset()  # computed, never stored
-    model.init_weights(seed)
+    _init_computed_buffers(model)
+    text_model(model).init_weights(seed)
+    if isinstance(model, K25ForConditionalGeneration):  # PyTorch's default init for the ViT layers
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model.vision_tower = MoonViT3d(config.vision_config)
+            model.mm_projector = PatchMergerMLP(config.vision_config)
     return model.to(dtype)
 
 
@@ -59,15 +94,17 @@ def load_model(
     path: str | Path,
     *,
     dtype: torch.dtype | str | None = None,
+    vision: bool | None = None,
     strict_config: bool = True,
     progress: bool | None = None,
-) -> K25ForCausalLM:
-    """Load a checkpoint directory (K2.5 layout or text-only K2 layout) into the text model.
+) -> K25Model:
+    """Load a checkpoint directory (K2.5 layout or text-only K2 layout).
 
-    Tensors are read from the memory-mapped shards straight into the model's storage (built on
-    the meta device first), so peak memory is the model plus one tensor. INT4 `pack-quantized`
-    experts are dequantised on the way in. Vision tensors are checked for presence by the
-    reader but not loaded here (the vision tower is a separate module).
+    Returns `K25ForConditionalGeneration` when the config has a vision tower (all tensors
+    loaded), or `K25ForCausalLM` for text-only configs or `vision=False` (vision tensors are
+    then skipped). Tensors are read from the memory-mapped shards straight into the model's
+    storage (built on the meta device first), so peak memory is the model plus one tensor.
+    INT4 `pack-quantized` experts are dequantised on the way in.
     """
     path = Path(path)
     config = K25Config.from_json_file(path, strict=strict_config)
@@ -78,19 +115,22 @@ def load_model(
             f"{path}: config.json is a text-only ({config.text_config.model_type}) config but the tensors use "
             f"the K2.5 '{TEXT_PREFIX}' layout"
         )
-    dtype = resolve_dtype(dtype, config)
-    with torch.device("meta"):
-        model = K25ForCausalLM(config.text_config)
+    if not config.text_only and ckpt_prefix != TEXT_PREFIX:
+        raise CheckpointError(
+            f"{path}: config.json is a kimi_k25 config but the tensors use the text-only 'model.' layout"
+        )
+    model = _empty_model(config, vision)
+    want_vision = isinstance(model, K25ForConditionalGeneration)
     load_state_into(
         model,
         reader,
-        prefix_map=checkpoint_prefix_map(config, ckpt_prefix, want_vision=False),
+        prefix_map=checkpoint_prefix_map(config, ckpt_prefix, want_vision=want_vision),
         text_config=config.text_config,
-        dtype=dtype,
+        dtype=resolve_dtype(dtype, config),
         progress=progress,
     )
-    model.model.rotary_emb.reset()
-    model.k25_config = config  # what it was loaded from (tokens ids, quantization, vision)
+    _init_computed_buffers(model)
+    model.k25_config = config  # what it was loaded from (token ids, quantization, vision)
     return model.eval()
 
 
@@ -125,7 +165,12 @@ def save_model(
         name = {v: k for k, v in DTYPES.items()}[target_dtype]
         config.text_config.dtype = name
         config.dtype = name
-    prefix = "" if config.text_only else TEXT_PREFIX
+    if isinstance(model, K25ForConditionalGeneration):
+        if config.text_only:
+            raise CheckpointError("a multimodal model cannot be saved in the text-only K2 layout")
+        prefix = ""  # its own names are the official ones
+    else:
+        prefix = "" if config.text_only else TEXT_PREFIX
 
     def tensors():
         yield from iter_official_tensors(model, prefix, int4_experts=int4_experts)
