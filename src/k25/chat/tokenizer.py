@@ -151,7 +151,9 @@ def load_tiktoken_ranks(path: str | os.PathLike[str]) -> dict[bytes, int]:
             try:
                 rank = int(parts[1])
             except ValueError:
-                raise TokenizerError(f"{path}:{lineno}: rank {parts[1]!r} is not an integer") from None
+                raise TokenizerError(
+                    f"{path}:{lineno}: rank {parts[1].decode(errors='replace')!r} is not an integer"
+                ) from None
             if rank < 0:
                 raise TokenizerError(f"{path}:{lineno}: negative rank {rank}")
             if token in ranks:
