@@ -56,11 +56,12 @@ class MediaLimits:
     sample_fps: float = 2.0
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    max_num_frames_each_video: int | None = None  # caps (not refuses) the sampled frames, like the release
 
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 100_000_000
     max_video_bytes: int = 1024 * 1024 * 1024
-    max_video_frames: int | None = 1024  # sampled frames; None = no limit (the release has none)
+    max_video_frames: int | None = 1024  # refuse videos sampling more frames than this; None = no limit
 
     @property
     def pad_factor(self) -> int:
@@ -258,8 +259,10 @@ def normalize_and_patchify(frames: np.ndarray, limits: MediaLimits = DEFAULT_LIM
     p = limits.patch_size
     if hh % p or ww % p:
         raise MediaError(f"frames {hh}x{ww}: height and width must be multiples of the patch size {p}")
-    x = frames.astype(np.float32) / 255.0
-    x = (x - np.asarray(limits.image_mean, dtype=np.float32)) / np.asarray(limits.image_std, dtype=np.float32)
+    # Same arithmetic as the reference: divide in float64, round to float32, subtract, times 1/std.
+    x = (frames / 255.0).astype(np.float32)
+    x -= np.asarray(limits.image_mean, dtype=np.float32)
+    x *= 1.0 / np.asarray(limits.image_std, dtype=np.float32)
     x = torch.from_numpy(x).view(t, hh // p, p, ww // p, p, c)
     return x.permute(0, 1, 3, 5, 2, 4).reshape(t * (hh // p) * (ww // p), c, p, p).contiguous()
 
@@ -277,14 +280,18 @@ def preprocess_image(source: ImageSource, limits: MediaLimits = DEFAULT_LIMITS) 
 # ---- video -----------------------------------------------------------------------------------------
 
 
-def sample_frame_indices(num_frames: int, video_fps: float, sample_fps: float = 2.0) -> list[int]:
-    """Frames kept: ``k = max(round(n·min(sample_fps, fps)/fps), 1)`` evenly spread, ends included."""
+def sample_frame_indices(num_frames: int, video_fps: float, sample_fps: float = 2.0,
+                         max_frames: int | None = None) -> list[int]:
+    """Frames kept: ``k = max(round(n·min(sample_fps, fps)/fps), 1)`` (capped at ``max_frames``),
+    spread evenly over the whole video with both ends included."""
     if num_frames <= 0:
         raise MediaError(f"video has no frames (num_frames={num_frames})")
     if not video_fps > 0:
         raise MediaError(f"video frame rate {video_fps!r} is not positive")
     fps = min(sample_fps, video_fps)
     k = max(round(num_frames * fps / video_fps), 1)
+    if max_frames is not None:
+        k = max(min(k, max_frames), 1)
     return [int(i) for i in np.linspace(0, num_frames - 1, k).round()]
 
 
@@ -355,7 +362,7 @@ def preprocess_video(source: str | Path | bytes | BinaryIO, limits: MediaLimits 
         if num_frames <= 0:  # the container does not say: count packets (no decoding)
             with open_container() as probe:
                 num_frames = sum(1 for pkt in probe.demux(probe.streams.video[0]) if pkt.size)
-        indices = sample_frame_indices(num_frames, fps, limits.sample_fps)
+        indices = sample_frame_indices(num_frames, fps, limits.sample_fps, limits.max_num_frames_each_video)
         if limits.max_video_frames is not None and len(indices) > limits.max_video_frames:
             raise MediaError(
                 f"video {name}: {len(indices)} sampled frames ({num_frames} at {fps:g} fps) exceeds the limit "
