@@ -166,6 +166,22 @@ def render_template(
     return "".join(out)
 
 
+def render_assistant_output(message: Mapping[str, Any], thinking: bool = True) -> str:
+    """What the model generates for ``message`` after the generation prompt (``<|im_end|>`` excluded).
+
+    Thinking: ``{reasoning_content}</think>{content}{tool calls}``; instant: ``{content}{tool calls}``.
+    ``render_template(chat + [message]) == render_template(chat, add_generation_prompt=True) +
+    render_assistant_output(message) + "<|im_end|>"`` whenever ``message`` is in the current chain.
+    """
+    out = []
+    if thinking:
+        out.append(f"{_text(message.get('reasoning_content', ''))}</think>")
+    out.append(render_content(message.get("content"), "message.content"))
+    if message.get("tool_calls"):
+        out.append(render_tool_calls(message["tool_calls"], "message.tool_calls"))
+    return "".join(out)
+
+
 def alias_reasoning(messages: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Give ``reasoning_content`` the first non-null of reasoning_content/thinking/reasoning.
 
