@@ -1,0 +1,36 @@
+# k25: `make run` serves/demos the model, `make test` runs the whole suite. Both install what they need.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.k25-installed
+
+.PHONY: install run test lint slow clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU wheel of torch first: anything else lets pip pick a CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# Until the server lands: scale accounting for the real model, then a random tiny checkpoint
+# written in the official layout, loaded back and used for generation.
+run: install
+	$(BIN)/k25 info kimi-k2.5
+	$(BIN)/k25 init tiny out/tiny-random
+	$(BIN)/k25 generate out/tiny-random --prompt-ids "1 2 3 4" --max-new-tokens 16
+
+lint: install
+	$(BIN)/ruff check src tests
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache
