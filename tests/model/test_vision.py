@@ -142,6 +142,7 @@ CASES = {
     "two_images_packed": [(1, 6, 10), (1, 4, 4)],
     "video_one_frame": [(1, 6, 8)],
     "video_four_frames": [(4, 6, 8)],
+    "video_five_frames_as_two_chunks": [(4, 6, 8), (1, 6, 8)],
     "image_and_chunks_packed": [(1, 4, 6), (4, 6, 4), (2, 2, 2)],
 }
 
@@ -276,3 +277,27 @@ def test_bad_inputs_name_the_item(grids, n, message):
         model(torch.zeros(n, 3, 14, 14), torch.tensor(grids))
     with pytest.raises(VisionInputError, match=r"\[N, 3, 14, 14\]"):
         model(torch.zeros(4, 3, 16, 16), torch.tensor([(1, 2, 2)]))
+
+
+def test_bfloat16_tower_tracks_float32():
+    """The release runs the tower in BF16: pixel values are cast, RoPE and the tables stay fp32."""
+    cfg = tiny_config()
+    model = MoonViT3d(cfg).eval()
+    proj = PatchMergerMLP(cfg).eval()
+    randomize(model, 4)
+    randomize(proj, 5)
+    grids = [(1, 6, 10), (4, 4, 4)]
+    pixels = make_pixels(grids, seed=6)
+    with torch.no_grad():
+        ref = encode_media(model, proj, pixels, torch.tensor(grids))
+        model, proj = model.to(torch.bfloat16), proj.to(torch.bfloat16)
+        got = encode_media(model, proj, pixels, torch.tensor(grids))
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == torch.bfloat16
+        rel = (a.float() - b).norm() / b.norm()
+        assert rel < 0.05, rel
+
+
+def test_num_media_tokens():
+    assert num_media_tokens((1, 78, 138)) == 2691
+    assert num_media_tokens((4, 48, 86)) == num_media_tokens((1, 48, 86)) == 1032
