@@ -58,9 +58,12 @@ def model_report(config: K25Config, cache_dtype_bytes: int = BF16) -> ModelRepor
     tc = config.text_config
     names = official_names(model)
     # Every stored tensor counts, the fp32 router correction biases included (as in the release).
-    text_params = sum(math.prod(t.shape) for n, t in official_names(text).items())
+    text_params = sum(math.prod(t.shape) for t in official_names(text).values())
     routed = sum(p.numel() for n, p in text.named_parameters() if ".mlp.experts." in n)
-    active = text_params - routed + (routed * tc.num_experts_per_tok // tc.n_routed_experts if tc.n_routed_experts else 0)
+    # A token runs num_experts_per_tok of the n_routed_experts routed experts, and everything else.
+    active = text_params - routed
+    if tc.n_routed_experts:
+        active += routed * tc.num_experts_per_tok // tc.n_routed_experts
     vision = projector = 0
     if isinstance(model, K25ForConditionalGeneration):
         vision = sum(p.numel() for p in model.vision_tower.parameters())
@@ -129,8 +132,8 @@ def report_rows(name: str, config: K25Config, r: ModelReport) -> list[tuple[str,
     rows += [
         ("weights, all BF16", _gb(r.bytes_bf16)),
         ("weights, native INT4 mix", _gb(r.bytes_native) + "  [routed experts INT4 g32, rest BF16]"),
-        ("KV cache / token, MLA latent", f"{r.kv_bytes_per_token_mla:,} B  "
-                                          f"[{tc.num_hidden_layers} x ({tc.kv_lora_rank}+{tc.qk_rope_head_dim}) x 2 B]"),
+        ("KV cache / token, MLA latent",
+         f"{r.kv_bytes_per_token_mla:,} B  [{tc.num_hidden_layers} x ({tc.kv_lora_rank}+{tc.qk_rope_head_dim}) x 2 B]"),
         ("KV cache / token, full MHA", f"{r.kv_bytes_per_token_mha:,} B  [{tc.num_hidden_layers} x "
                                         f"{tc.num_attention_heads} x ({tc.qk_head_dim}+{tc.v_head_dim}) x 2 B]"),
         ("  MLA saving", f"{r.kv_ratio:.1f}x"),

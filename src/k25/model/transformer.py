@@ -6,8 +6,6 @@ Module names mirror the checkpoint (`model.embed_tokens`, `model.layers.N.self_a
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -163,17 +161,3 @@ class K25ForCausalLM(nn.Module):
         for name, p in self.named_parameters():
             if ".experts." in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def activated_parameters(model: K25ForCausalLM) -> int:
-    """Parameters one token touches: everything except the routed experts it was not sent to."""
-    cfg = model.config
-    total = count_parameters(model)
-    routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
-    if cfg.n_routed_experts == 0:
-        return total
-    return total - routed + math.floor(routed * cfg.num_experts_per_tok / cfg.n_routed_experts)
