@@ -8,6 +8,7 @@ conversion from the checkpoint layout (the one our modules use), as transformers
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -95,11 +96,14 @@ def projector_to_transformers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 @pytest.fixture(scope="module")
 def models():
+    return build_pair(tiny_config())
+
+
+def build_pair(cfg):
     """Our tower/projector with random weights, and transformers' twins loaded from the same tensors."""
     mod = pytest.importorskip("transformers.models.kimi_k25.modeling_kimi_k25")
     from transformers.models.kimi_k25.configuration_kimi_k25 import Kimi_K25Config, Kimi_K25VisionConfig
 
-    cfg = tiny_config()
     ours = MoonViT3d(cfg).eval()
     proj = PatchMergerMLP(cfg).eval()
     randomize(ours, 0)
@@ -178,8 +182,16 @@ def test_parity_with_transformers(models, case):
     embed_delta = (torch.cat(embeds) - ref_embeds).abs().max().item()
     print(f"{case}: max|Δ| hidden {hidden_delta:.2e} merged {merged_delta:.2e} projected {embed_delta:.2e}")
     assert hidden_delta <= TOL and merged_delta <= TOL and embed_delta <= TOL
-    assert [e.shape for e in embeds] == [(num_media_tokens(g), 64) for g in grids]
-    assert [m.shape for m in merged] == [(num_media_tokens(g), 4, 32) for g in grids]
+    assert [e.shape for e in embeds] == [(num_media_tokens(g), ours.config.text_hidden_size) for g in grids]
+    assert [m.shape for m in merged] == [(num_media_tokens(g), 4, ours.config.vt_hidden_size) for g in grids]
+
+
+def test_parity_at_release_widths():
+    """The released widths (1152, 16 heads of 72, 4304, 64×64 table, 7168 out) with 2 of the 27 blocks."""
+    cfg = dataclasses.replace(preset("kimi-k2.5").vision_config, vt_num_hidden_layers=2)
+    pair = build_pair(cfg)
+    test_parity_with_transformers(pair, "image_and_chunks_packed")
+    test_parity_with_transformers(pair, "odd_grid_6x10")
 
 
 def test_items_do_not_see_each_other():
