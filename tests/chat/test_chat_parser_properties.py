@@ -52,7 +52,7 @@ def test_render_then_parse_is_identity(msg: dict, thinking: bool) -> None:
     assert (out.reasoning_content or "") == (msg["reasoning_content"] if thinking else "")
     calls = msg.get("tool_calls", [])
     assert [(c.id, c.name) for c in out.tool_calls] == [(c["id"], c["function"]["name"]) for c in calls]
-    for got, want in zip(out.tool_calls, calls):
+    for got, want in zip(out.tool_calls, calls, strict=True):
         args = want["function"]["arguments"]
         assert got.error is None
         if isinstance(args, str):
@@ -91,7 +91,7 @@ output_text = st.lists(
 def test_any_output_any_chunking_never_raises(text: str, cuts: list[int], thinking: bool) -> None:
     whole = parse_output(text, thinking)
     points = sorted({min(c, len(text)) for c in cuts})
-    chunks = [text[a:b] for a, b in zip([0, *points], [*points, len(text)])]
+    chunks = [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
     p = StreamingParser(thinking)
     for c in chunks:
         p.feed(c)

@@ -296,7 +296,7 @@ SAFE_FRAGMENTS = [*MARKERS, "a", " ", "\n", "{", "}", '"', ":", "0", "functions.
 def random_chunks(rng: random.Random, fragments: list[str]) -> tuple[str, list[str]]:
     text = "".join(rng.choice(fragments) for _ in range(rng.randint(0, 30)))
     cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
-    return text, [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    return text, [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
 
 
 def test_random_outputs_never_raise_and_stream_equals_whole() -> None:
@@ -340,7 +340,7 @@ def assert_identity(msg: dict, thinking: bool) -> None:
     assert (out.reasoning_content or "") == (msg.get("reasoning_content", "") if thinking else "")
     calls = msg.get("tool_calls") or []
     assert len(out.tool_calls) == len(calls)
-    for got, want in zip(out.tool_calls, calls):
+    for got, want in zip(out.tool_calls, calls, strict=True):
         assert got.id == want["id"] and got.name == want["function"]["name"] and got.error is None
         args = want["function"]["arguments"]
         if isinstance(args, str):
