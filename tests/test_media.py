@@ -20,6 +20,7 @@ from k25.config import preset
 from k25.media import (
     MediaError,
     MediaLimits,
+    chunk_frames,
     format_timestamp,
     image_token_count,
     load_image,
@@ -171,6 +172,18 @@ def test_frame_sampling_and_timestamps():
     assert format_timestamp(0.6) == "00:00:00.600"
     # Milliseconds are truncated from the binary fraction, as the reference does: 2.4 % 1 < 0.4.
     assert format_timestamp(2.4) == "00:00:02.399"
+
+
+def test_chunk_frames_full_hd_example():
+    """Spec §3.8: a 1920×1080 frame under the 4096-patch frame limit → 1196×672, grid 48×86, 1032 tokens."""
+    frames = [Image.new("RGB", (1920, 1080), (25 * i, 0, 0)) for i in range(5)]
+    chunks = chunk_frames(frames, [0, 15, 30, 45, 60], video_fps=30.0)
+    assert [c.grid_thw for c in chunks] == [(4, 48, 86), (1, 48, 86)]
+    assert [c.num_tokens for c in chunks] == [1032, 1032]
+    assert [c.timestamp for c in chunks] == ["00:00:00.000", "00:00:02.000"]
+    assert chunks[0].resized_size == (1196, 672)
+    pixels, grids = pack_media(chunks)
+    assert pixels.shape == (5 * 48 * 86, 3, 14, 14) and grids.tolist() == [[4, 48, 86], [1, 48, 86]]
 
 
 def write_video(path: Path, num_frames: int, fps: int, size: tuple[int, int] = (64, 48)) -> None:

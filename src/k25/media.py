@@ -303,28 +303,38 @@ def format_timestamp(seconds: float) -> str:
     return f"{hours % 24:02d}:{rem // 60:02d}:{rem % 60:02d}.{millis:03d}"
 
 
-def chunk_frames(frames: np.ndarray, indices: Sequence[int], video_fps: float, original_size: tuple[int, int],
-                 limits: MediaLimits = DEFAULT_LIMITS) -> list[MediaItem]:
-    """Sampled RGB frames [K, H, W, 3] uint8 (at source ``indices``) → one item per chunk of 4.
+def video_frame_plan(width: int, height: int, limits: MediaLimits = DEFAULT_LIMITS) -> ResizePlan:
+    """The resize plan shared by every frame of a video (per-frame limit ``in_patch_limit_each_frame``)."""
+    return plan_resize(width, height, patch_limit=limits.in_patch_limit_each_frame, limits=limits)
 
-    All frames share one resize plan (per-frame limit ``in_patch_limit_each_frame``); a chunk's
-    timestamp is its first frame's time. Tokens per chunk do not depend on its frame count.
-    """
-    if len(frames) != len(indices):
-        raise MediaError(f"chunk_frames: {len(frames)} frames but {len(indices)} indices")
-    w, h = original_size
-    plan = plan_resize(w, h, patch_limit=limits.in_patch_limit_each_frame, limits=limits)
-    resized = np.stack([_resize_pad(Image.fromarray(f), plan) for f in frames])
+
+def _chunks(resized: Sequence[np.ndarray], indices: Sequence[int], video_fps: float, plan: ResizePlan,
+            limits: MediaLimits) -> list[MediaItem]:
     items = []
     k = limits.temporal_merge_kernel_size
-    for start in range(0, len(frames), k):
-        chunk = resized[start:start + k]
-        grid_h, grid_w = plan.grid_hw
+    grid_h, grid_w = plan.grid_hw
+    for start in range(0, len(resized), k):
+        chunk = np.stack(resized[start:start + k])
         items.append(MediaItem(
             "video_chunk", normalize_and_patchify(chunk, limits), (len(chunk), grid_h, grid_w), plan.num_tokens,
             plan.original, plan.resized, timestamp=format_timestamp(indices[start] / video_fps),
         ))
     return items
+
+
+def chunk_frames(frames: Sequence[Image.Image | np.ndarray], indices: Sequence[int], video_fps: float,
+                 limits: MediaLimits = DEFAULT_LIMITS) -> list[MediaItem]:
+    """Sampled frames (PIL images or RGB uint8 [H, W, 3]) at source ``indices`` → chunks of 4.
+
+    For frames decoded elsewhere. The first frame's size sets the one resize plan all frames
+    share; a chunk's timestamp is its first frame's time; tokens per chunk do not depend on how
+    many frames it holds.
+    """
+    if not frames or len(frames) != len(indices):
+        raise MediaError(f"chunk_frames: {len(frames)} frames but {len(indices)} indices")
+    images = [f if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    plan = video_frame_plan(*images[0].size, limits)
+    return _chunks([_resize_pad(img.convert("RGB"), plan) for img in images], indices, video_fps, plan, limits)
 
 
 def preprocess_video(source: str | Path | bytes | BinaryIO, limits: MediaLimits = DEFAULT_LIMITS) -> list[MediaItem]:
@@ -370,21 +380,20 @@ def preprocess_video(source: str | Path | bytes | BinaryIO, limits: MediaLimits 
             )
         wanted = set(indices)
         last = indices[-1]
-        frames: dict[int, np.ndarray] = {}
-        size: tuple[int, int] | None = None
+        kept: list[int] = []  # a container may announce more frames than it holds
+        resized: list[np.ndarray] = []
+        plan: ResizePlan | None = None
         try:
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    img = frame.to_image()
-                    size = size or img.size
-                    if img.size != size:
-                        img = img.resize(size, Image.Resampling.BICUBIC)
-                    frames[i] = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                    img = frame.to_image().convert("RGB")
+                    plan = plan or video_frame_plan(*img.size, limits)
+                    resized.append(_resize_pad(img, plan))  # resize now: keep only small frames around
+                    kept.append(i)
                 if i >= last:
                     break
         except (av.FFmpegError, OSError, ValueError) as exc:
             raise MediaError(f"video {name}: decoding failed ({exc})") from None
-    kept = [i for i in indices if i in frames]  # a container may announce more frames than it holds
-    if not kept or size is None:
+    if plan is None:
         raise MediaError(f"video {name}: no frame could be decoded")
-    return chunk_frames(np.stack([frames[i] for i in kept]), kept, fps, size, limits)
+    return _chunks(resized, kept, fps, plan, limits)
