@@ -222,3 +222,12 @@ def test_stream_decoder_holds_partial_utf8(tiny_tokenizer: KimiTokenizer) -> Non
     parts = [dec.push(i) for i in ids] + [dec.flush()]
     assert "".join(parts) == text
     assert all("\ufffd" not in p for p in parts)
+
+
+def test_apply_chat_template(tiny_tokenizer: KimiTokenizer) -> None:
+    msgs = [{"role": "user", "content": "Hi"}]
+    text = tiny_tokenizer.apply_chat_template(msgs, tokenize=False)
+    assert text == "<|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|><think>"
+    ids = tiny_tokenizer.apply_chat_template(msgs, thinking=False)
+    assert ids[-2:] == [tiny_tokenizer.token_to_id("<think>"), tiny_tokenizer.token_to_id("</think>")]
+    assert ids[0] == tiny_tokenizer.token_to_id("<|im_user|>")

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 
@@ -451,6 +452,20 @@ class KimiTokenizer:
             except KeyError:
                 raise TokenizerError(f"token {tok!r} is not in the vocabulary") from None
         return out
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        thinking: bool = True,
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+    ) -> list[int] | str:
+        """Render with :func:`k25.chat.template.render` (as the release's tokenizer does) and encode."""
+        from .template import render
+
+        text = render(messages, tools, thinking=thinking, add_generation_prompt=add_generation_prompt)
+        return self.encode(text) if tokenize else text
 
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         """An incremental detokenizer for token-by-token output."""
