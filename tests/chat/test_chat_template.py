@@ -235,6 +235,20 @@ def test_typescript_self_reference_and_skips() -> None:
     assert tools_to_typescript([]) == ""
 
 
+def test_typescript_self_reference_inside_a_definition_keeps_inline_root() -> None:
+    # The root becomes `interface parameters` only for a "#" reference among its own fields.
+    params = {
+        "type": "object",
+        "$defs": {"C": {"type": "object", "properties": {"parent": {"$ref": "#"}}}},
+        "properties": {"c": {"$ref": "#/$defs/C"}},
+    }
+    assert tools_to_typescript([{"type": "function", "function": {"name": "f", "parameters": params}}]) == (
+        "# Tools\n\n## functions\nnamespace functions {\n"
+        "interface C {\n  parent?: parameters\n}\n"
+        "type f = (_: {\n  c?: C\n}) => any;\n}\n"
+    )
+
+
 def test_typescript_failure_falls_back_to_json() -> None:
     bad = {
         "type": "function",

@@ -253,7 +253,8 @@ def function_to_typescript(function: dict[str, Any]) -> str:
         raise ToolSchemaError(f"parameters of {function.get('name')!r} must be an object schema")
     root = _parse_object(params, scope)
     blocks = []
-    if scope.self_ref:
+    root_self_ref = scope.self_ref  # decided before the $defs are parsed, as in the release
+    if root_self_ref:
         body = FIELD_SEP.join(p.ts(INDENT) for p in root.props)
         blocks.append("interface parameters {" + (f"\n{body}\n" if body else "") + "}")
     for def_name, def_schema in dict(scope.defs).items():
@@ -264,7 +265,7 @@ def function_to_typescript(function: dict[str, Any]) -> str:
         head = comment_lines(desc) + "\n" if desc else ""
         blocks.append(f"{head}interface {def_name} {body}")
     name = function.get("name", "function")
-    signature = "parameters" if scope.self_ref else root.ts()
+    signature = "parameters" if root_self_ref else root.ts()
     description = function.get("description")
     parts = [
         "\n".join(blocks),
