@@ -257,15 +257,14 @@ def test_parameter_counts_match_release():
         assert count_parameters(PatchMergerMLP(cfg)) == 54_277_888
 
 
-def test_meta_build_then_init_buffers():
-    """to_empty() leaves the non-persistent buffers garbage; init_buffers() restores them."""
+def test_meta_build_then_to_empty():
+    """Built on meta, moved with to_empty() and loaded: the fixed tables are rebuilt, not garbage."""
     cfg = tiny_config()
     reference = MoonViT3d(cfg)
     with torch.device("meta"):
         model = MoonViT3d(cfg)
     model.to_empty(device="cpu")
     model.load_state_dict(reference.state_dict())
-    model.init_buffers()
     grids = [(3, 4, 4)]
     pixels = make_pixels(grids, seed=9)
     with torch.no_grad():
@@ -303,6 +302,8 @@ def test_bfloat16_tower_tracks_float32():
     with torch.no_grad():
         ref = encode_media(model, proj, pixels, torch.tensor(grids))
         model, proj = model.to(torch.bfloat16), proj.to(torch.bfloat16)
+        assert model.encoder.rope_2d.inv_freq.dtype == torch.float32  # fixed tables never rounded
+        assert model.patch_embed.pos_emb.time_weight.dtype == torch.float32
         got = encode_media(model, proj, pixels, torch.tensor(grids))
     for a, b in zip(got, ref, strict=True):
         assert a.dtype == torch.bfloat16

@@ -9,7 +9,7 @@ Parameter names are the official ones, so a released checkpoint's ``vision_tower
 ``PatchMergerMLP``     ``pre_norm.{weight,bias}``, ``proj.0.{weight,bias}``, ``proj.2.{weight,bias}``
 
 The fixed sin-cos time table and the RoPE inverse frequencies are non-persistent buffers (not in
-the checkpoint); after building on the meta device and ``to_empty``, call ``init_buffers()``.
+the checkpoint); they stay fp32 and are rebuilt on every ``.to()``/``to_empty()``.
 
 Data layout. ``pixel_values`` is [N, 3, p, p]: the patches of every media item packed one after
 another, each item frame-major then row-major (t → h → w). ``grid_thws`` is [n_items, 3] int64 with
@@ -20,7 +20,7 @@ each other); nothing crosses an item boundary.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,25 @@ def parse_grids(grid_thws: torch.Tensor | Sequence[Sequence[int]]) -> list[Grid]
 # ---- modules ------------------------------------------------------------------------------------
 
 
-class Learnable2DInterpPosEmbDividedFixed(nn.Module):
+class _FixedTables(nn.Module):
+    """Owns fixed (not learned) fp32 tables kept as non-persistent buffers.
+
+    ``module.to(torch.bfloat16)`` would round them (RoPE frequencies in bf16 are off by up to
+    2^-8 relative, i.e. whole radians at position 500), and ``to_empty`` leaves them garbage; so
+    after any such move they are rebuilt in fp32 on the new device.
+    """
+
+    def init_buffers(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> _FixedTables:
+        super()._apply(fn, recurse)
+        self.init_buffers()
+        return self
+
+
+
+class Learnable2DInterpPosEmbDividedFixed(_FixedTables):
     """Learnable [H0, W0, D] table, bicubic-resized per item, plus a fixed time table for t > 1."""
 
     def __init__(self, height: int, width: int, num_frames: int, dim: int) -> None:
@@ -113,7 +131,7 @@ class Learnable2DInterpPosEmbDividedFixed(nn.Module):
         nn.init.normal_(self.weight)
 
     def init_buffers(self) -> None:
-        """Recompute the time table (needed after building on the meta device)."""
+        """Recompute the fp32 time table on the weight's device."""
         self.time_weight = sincos_time_table(self.num_frames, self.dim, device=self.weight.device)
 
     def spatial(self, h: int, w: int) -> torch.Tensor:
@@ -157,7 +175,7 @@ class PatchEmbed3d(nn.Module):
         return self.pos_emb(x, grids)
 
 
-class Rope2D(nn.Module):
+class Rope2D(_FixedTables):
     """2-D rotary tables for head_dim = 4F: F frequencies each for column and row."""
 
     def __init__(self, head_dim: int) -> None:
@@ -278,7 +296,7 @@ class MoonViT3d(nn.Module):
         self.encoder = MoonViTEncoder(config)
 
     def init_buffers(self) -> None:
-        """Recompute the non-persistent buffers (after ``to_empty`` from the meta device)."""
+        """Recompute the non-persistent fp32 tables (``.to``/``to_empty`` already do this)."""
         self.patch_embed.pos_emb.init_buffers()
         self.encoder.rope_2d.init_buffers()
 
