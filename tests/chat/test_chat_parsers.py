@@ -13,7 +13,10 @@ from k25.chat.parsers import (
     ParsedOutput,
     ReasoningParser,
     StreamingParser,
+    TokenStreamParser,
     ToolCallParser,
+    make_tool_call_id,
+    next_tool_call_index,
     parse_ids,
     parse_output,
 )
@@ -363,3 +366,24 @@ def test_render_then_parse_is_identity_seeded() -> None:
 def test_empty_output(thinking: bool) -> None:
     out = check_streaming_equals_whole("", thinking)
     assert out.content == "" and out.tool_calls == []
+
+
+def test_token_stream_parser(tiny_tokenizer: KimiTokenizer) -> None:
+    text = "r é</think>ok" + section(("functions.f:0", '{"a": "ü"}'))
+    ids = tiny_tokenizer.encode(text)
+    p = TokenStreamParser(tiny_tokenizer)
+    deltas = [p.feed(i) for i in ids] + [p.finish()]
+    reasoning, content, calls = joined([d for d in deltas if d])
+    assert (reasoning, content) == ("r é", "ok")
+    assert calls[0]["arguments"] == '{"a": "ü"}' and calls[0]["name"] == "f"
+    assert p.result() == parse_output(text)
+
+
+def test_tool_call_id_helpers() -> None:
+    msgs = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "tool_calls": [{"id": "functions.a:0"}, {"id": "functions.b:1"}]},
+        {"role": "tool", "tool_call_id": "functions.a:0", "content": "x"},
+    ]
+    assert next_tool_call_index(msgs) == 2
+    assert make_tool_call_id("get_weather", 2) == "functions.get_weather:2"

@@ -12,6 +12,7 @@ import pytest
 from k25.chat.template import (
     TemplateError,
     chat_template_text,
+    missing_reasoning,
     render,
     render_jinja,
     render_template,
@@ -140,6 +141,18 @@ def test_reasoning_alias_from_reasoning_field() -> None:
         {"role": "assistant", "reasoning": "R", "tool_calls": [call("a", 0, "{}")]},
     ]
     assert "<think>R</think>" in render(msgs)
+
+
+def test_missing_reasoning_lists_current_chain_tool_calls() -> None:
+    msgs = [
+        {"role": "user", "content": "Q"},
+        {"role": "assistant", "tool_calls": [call("a", 0, "{}")]},
+        {"role": "assistant", "content": "final"},
+        {"role": "user", "content": "Q2"},
+        {"role": "assistant", "tool_calls": [call("a", 1, "{}")]},
+        {"role": "assistant", "reasoning_content": "r", "tool_calls": [call("a", 2, "{}")]},
+    ]
+    assert missing_reasoning(msgs) == [4]
 
 
 def test_errors_name_the_json_path() -> None:

@@ -391,6 +391,57 @@ def parse_ids(tokenizer: Any, ids: Iterable[int], thinking: bool = True) -> Pars
     return p.result()
 
 
+class TokenStreamParser:
+    """Token-id streaming: detokenizes incrementally (UTF-8 safe) and parses.
+
+    Use with ``skip_special_tokens=False`` output: tool-call and think tokens are the markers.
+    """
+
+    def __init__(self, tokenizer: Any, thinking: bool = True) -> None:
+        self._decoder = tokenizer.stream_decoder()
+        self._parser = StreamingParser(thinking)
+
+    def feed(self, token_ids: int | Iterable[int]) -> dict[str, Any] | None:
+        """Consume one id or several; return the delta they release (or None)."""
+        ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
+        return self._parser.feed("".join(self._decoder.push(t) for t in ids))
+
+    def finish(self) -> dict[str, Any] | None:
+        """End of generation."""
+        tail = self._parser.feed(self._decoder.flush())
+        last = self._parser.finish()
+        return _merge_deltas(tail, last)
+
+    def result(self) -> ParsedOutput:
+        """Everything parsed so far."""
+        return self._parser.result()
+
+
+def _merge_deltas(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not a or not b:
+        return a or b
+    out = dict(a)
+    for key in ("reasoning_content", "content"):
+        if key in b:
+            out[key] = out.get(key, "") + b[key]
+    if "tool_calls" in b:
+        out["tool_calls"] = out.get("tool_calls", []) + b["tool_calls"]
+    return out
+
+
+def next_tool_call_index(messages: Iterable[dict[str, Any]]) -> int:
+    """Tool calls made so far in a conversation: the IDX the next ``functions.NAME:IDX`` should use.
+
+    vLLM numbers Kimi tool-call ids globally across the conversation this way.
+    """
+    return sum(len(m.get("tool_calls") or []) for m in messages if m.get("role") == "assistant")
+
+
+def make_tool_call_id(name: str, index: int) -> str:
+    """The Kimi tool-call id convention ``functions.{name}:{index}``."""
+    return f"functions.{name}:{index}"
+
+
 class ReasoningParser:
     """vLLM-style reasoning split: ``extract(text) -> (reasoning_content, content)``.
 

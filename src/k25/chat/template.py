@@ -166,6 +166,24 @@ def render_template(
     return "".join(out)
 
 
+def missing_reasoning(messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Indices of current-chain assistant tool-call messages without ``reasoning_content``.
+
+    In thinking mode those turns are rendered with their reasoning; the official API rejects a
+    request that drops it ("thinking is enabled but reasoning_content is missing in assistant
+    tool call message at index N"), so a server can warn or refuse with these indices.
+    """
+    split = last_final_answer_index(messages)
+    return [
+        i
+        for i, m in enumerate(messages)
+        if i > split
+        and m.get("role") == "assistant"
+        and m.get("tool_calls")
+        and not any(m.get(k) for k in ("reasoning_content", "thinking", "reasoning"))
+    ]
+
+
 def render_assistant_output(message: Mapping[str, Any], thinking: bool = True) -> str:
     """What the model generates for ``message`` after the generation prompt (``<|im_end|>`` excluded).
 
