@@ -172,6 +172,9 @@ def test_frame_sampling_and_timestamps():
     assert format_timestamp(0.6) == "00:00:00.600"
     # Milliseconds are truncated from the binary fraction, as the reference does: 2.4 % 1 < 0.4.
     assert format_timestamp(2.4) == "00:00:02.399"
+    # ...and whole seconds from a microsecond-rounded datetime: just below 1001 s reads 00:16:41.
+    assert format_timestamp(30000 / (30000 / 1001)) == "00:16:41.000"
+    assert format_timestamp(1000.9999999999999) == "00:16:41.999"
 
 
 def test_chunk_frames_full_hd_example():
@@ -184,6 +187,17 @@ def test_chunk_frames_full_hd_example():
     assert chunks[0].resized_size == (1196, 672)
     pixels, grids = pack_media(chunks)
     assert pixels.shape == (5 * 48 * 86, 3, 14, 14) and grids.tolist() == [[4, 48, 86], [1, 48, 86]]
+
+
+def test_timestamps_match_the_datetime_definition():
+    """The reference formats with a UTC datetime; check ours against that over realistic frame times."""
+    from datetime import datetime, timezone
+
+    for fps in (30000 / 1001, 24000 / 1001, 25.0, 29.97, 59.94, 2.0):
+        for idx in range(0, 200_000, 997):
+            ts = idx / fps
+            want = datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%H:%M:%S") + f".{int(ts % 1 * 1000):03d}"
+            assert format_timestamp(ts) == want, (idx, fps)
 
 
 def write_video(path: Path, num_frames: int, fps: int, size: tuple[int, int] = (64, 48)) -> None:

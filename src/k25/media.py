@@ -296,9 +296,17 @@ def sample_frame_indices(num_frames: int, video_fps: float, sample_fps: float = 
 
 
 def format_timestamp(seconds: float) -> str:
-    """``HH:MM:SS.mmm`` with the milliseconds truncated, as the reference writes chunk times."""
-    whole = int(seconds)
-    millis = int((seconds - whole) * 1000)
+    """``HH:MM:SS.mmm`` exactly as the reference writes chunk times (the prompt text must match).
+
+    The reference takes HH:MM:SS from a UTC datetime (which rounds to whole microseconds, so
+    1000.9999999999999 s reads 00:16:41) and the milliseconds by truncating ``seconds % 1``
+    (so 2.4 s reads .399); both quirks are kept.
+    """
+    if seconds < 0:
+        raise MediaError(f"timestamp {seconds!r}: must be >= 0")
+    frac, whole_f = math.modf(seconds)
+    whole = int(whole_f) + (round(frac * 1_000_000) >= 1_000_000)
+    millis = int((seconds % 1) * 1000)
     hours, rem = divmod(whole, 3600)
     return f"{hours % 24:02d}:{rem // 60:02d}:{rem % 60:02d}.{millis:03d}"
 
