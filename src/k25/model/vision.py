@@ -119,7 +119,6 @@ class _FixedTables(nn.Module):
         return self
 
 
-
 class Learnable2DInterpPosEmbDividedFixed(_FixedTables):
     """Learnable [H0, W0, D] table, bicubic-resized per item, plus a fixed time table for t > 1."""
 
