@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 # Subsystems that add their own subcommands through `register(subparsers)`.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES = ("k25.chat.cli",)
 
 
 def _load_config(model: str):
@@ -22,6 +22,7 @@ def _load_config(model: str):
 def cmd_info(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from .info import model_report, report_rows
 
@@ -31,7 +32,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     table.add_column(style="bold")
     table.add_column()
     for label, value in report_rows(args.model, config, report):
-        table.add_row(label, value)
+        table.add_row(Text(label), Text(value))  # plain text: values contain brackets
     Console(width=max(Console().width, 120)).print(table)
     return 0
 

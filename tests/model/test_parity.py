@@ -17,6 +17,9 @@ from k25.testing import hf_k25_config, tiny_config, write_random_checkpoint
 transformers = pytest.importorskip("transformers", reason="transformers is the parity peer (test extra)")
 
 TOL = 1e-4
+# Weights ~5x the default init: attention is sharp enough that a wrong RoPE pairing or YaRN range
+# shows as a gross error (checked by mutating the code), while fp32 error stays ~4e-6.
+INIT = 0.1
 
 
 def _rope(beta_fast: float) -> dict:
@@ -32,7 +35,8 @@ def _ids(b: int, t: int, seed: int, vocab: int = 500) -> torch.Tensor:
 def k2_pair(request, tmp_path_factory):
     """(ours, transformers DeepseekV3ForCausalLM) from one K2-layout checkpoint."""
     path = tmp_path_factory.mktemp("k2")
-    cfg = tiny_config(text_only=True, rope_scaling=_rope(request.param), max_position_embeddings=2048)
+    cfg = tiny_config(text_only=True, rope_scaling=_rope(request.param), max_position_embeddings=2048,
+                      initializer_range=INIT)
     write_random_checkpoint(path, cfg, seed=1)
     ours = k25.load(path, dtype=torch.float32)
     ref = transformers.DeepseekV3ForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
@@ -43,7 +47,7 @@ def k2_pair(request, tmp_path_factory):
 def k25_pair(tmp_path_factory):
     """(ours, transformers Kimi_K25ForConditionalGeneration) from one K2.5-layout checkpoint."""
     path = tmp_path_factory.mktemp("k25")
-    cfg = tiny_config(rope_scaling=_rope(32.0), max_position_embeddings=2048)
+    cfg = tiny_config(rope_scaling=_rope(32.0), max_position_embeddings=2048, initializer_range=INIT)
     write_random_checkpoint(path, cfg, seed=2, max_shard_bytes=300_000)  # several shards + index
     ours = k25.load(path, dtype=torch.float32)
     ref = transformers.Kimi_K25ForConditionalGeneration.from_pretrained(
@@ -105,7 +109,7 @@ def test_k25_layout_left_padded_batch(k25_pair):
 @torch.no_grad()
 def test_experts_shared_between_tokens_and_group_routing(tmp_path):
     """Top-3 of 8 experts over many tokens (every expert serves several), with DeepSeek group routing."""
-    cfg = tiny_config(text_only=True, num_experts_per_tok=3, n_group=4, topk_group=2)
+    cfg = tiny_config(text_only=True, num_experts_per_tok=3, n_group=4, topk_group=2, initializer_range=INIT)
     write_random_checkpoint(tmp_path, cfg, seed=8)
     ours = k25.load(tmp_path, dtype=torch.float32)
     ref = transformers.DeepseekV3ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
