@@ -76,7 +76,8 @@ def test_text_only_k2_layout():
     ("path", "value", "message"),
     [
         (("text_config", "hiden_size"), 7168, "text_config.hiden_size: unknown field"),
-        (("text_config", "num_experts_per_tok"), 500, "text_config.num_experts_per_tok=500: cannot exceed n_routed_experts=384"),
+        (("text_config", "num_experts_per_tok"), 500,
+         "text_config.num_experts_per_tok=500: cannot exceed n_routed_experts=384"),
         (("text_config", "kv_lora_rank"), "512", "text_config.kv_lora_rank: expected an integer"),
         (("text_config", "first_k_dense_replace"), 62, "text_config.first_k_dense_replace=62"),
         (("text_config", "n_group"), 5, "text_config.n_group=5: must divide n_routed_experts=384"),
