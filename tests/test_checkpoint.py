@@ -139,7 +139,8 @@ def test_unexpected_tensor_is_named(saved, tmp_path):
     path = _copy(saved[0], tmp_path / "c")
     name = L1 + "self_attn.q_a_proj.weight"
     _edit_shard_of(path, name, lambda t: t.update({L1 + "self_attn.q_extra.weight": torch.zeros(2)}))
-    with pytest.raises(CheckpointError, match=r"1 unexpected \(e\.g\. " + (L1 + "self_attn.q_extra").replace(".", r"\.")):
+    expected = r"1 unexpected \(e\.g\. " + (L1 + "self_attn.q_extra").replace(".", r"\.")
+    with pytest.raises(CheckpointError, match=expected):
         k25.load(path)
 
 
