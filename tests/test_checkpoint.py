@@ -240,3 +240,17 @@ def test_int4_checkpoint_loads_dequantized(saved, tmp_path):
                                torch.float32)
     assert torch.equal(got, expected)
     assert (got - w).abs().max() < w.abs().max() / 7  # close to the original, not equal
+
+
+def test_chat_template_and_tokenizer_are_written_next_to_the_weights(saved, tmp_path):
+    from k25.chat.template import chat_template_text
+    from k25.chat.tokenizer import KimiTokenizer, write_tiktoken_ranks
+
+    path, _ = saved
+    assert (path / "chat_template.jinja").read_text() == chat_template_text()
+    write_tiktoken_ranks({bytes([b]): b for b in range(256)}, tmp_path / "vocab.model")
+    tok = KimiTokenizer(tmp_path / "vocab.model")
+    out = tmp_path / "with_tok"
+    k25.save(k25.load(path, vision=False), tiny_config(), out, tokenizer=tok)
+    again = KimiTokenizer.from_pretrained(out)
+    assert again.encode("hi<|im_end|>") == tok.encode("hi<|im_end|>")

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..chat.template import write_chat_template
+from ..chat.tokenizer import KimiTokenizer
 from ..config import KIMI_K25_QUANTIZATION_CONFIG, K25Config
 from ..model.multimodal import K25ForConditionalGeneration
 from ..model.transformer import K25ForCausalLM
@@ -143,13 +145,16 @@ def save_model(
     max_shard_bytes: int = 5 * 2**30,
     int4_experts: bool = False,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    tokenizer: KimiTokenizer | None = None,
 ) -> Path:
     """Write `config.json` and sharded safetensors in the official layout.
 
     `config.text_only` picks the K2 layout (`model.layers...`), else the K2.5 layout
     (`language_model.model.layers...`). `int4_experts` stores routed experts as INT4
     `pack-quantized` (group 32) and records the quantization_config. `extra_tensors` (e.g. the
-    vision tower's, already under official names) are written alongside.
+    vision tower's, already under official names) are written alongside. Our
+    `chat_template.jinja` is always written next to the weights (so transformers and vLLM render
+    the K2.5 format), and the tokenizer's files when one is given.
     """
     path = Path(path)
     config = copy.deepcopy(config)
@@ -179,4 +184,7 @@ def save_model(
 
     save_tensors(tensors(), path, max_shard_bytes=max_shard_bytes, dtype=target_dtype)
     config.save(path)
+    write_chat_template(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     return path
