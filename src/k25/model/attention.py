@@ -48,6 +48,10 @@ class MLAttention(nn.Module):
         self.qk_head_dim = config.qk_head_dim
         self.softmax_scale = config.softmax_scale()
         self.impl: AttentionImpl = "naive"
+        # QK-Clip (train/muon.py) sets this; the forward then keeps the running per-head max of the
+        # scaled pre-softmax logits over attended positions in `max_logits` [nH] fp32 (outputs unchanged).
+        self.record_max_logits = False
+        self.max_logits: torch.Tensor | None = None
         h = config.hidden_size
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(h, self.num_heads * self.qk_head_dim, bias=False)
@@ -107,6 +111,8 @@ class MLAttention(nn.Module):
         return torch.matmul(o_latent, w_uv.transpose(1, 2))  # value up-projection folded into the output
 
     def _sdpa(self, q, k, v, mask) -> torch.Tensor:
+        if self.record_max_logits:
+            self._record_max_logits(q, k, mask)
         if mask is None:
             causal = q.shape[-2] > 1
             if causal and q.shape[-2] != k.shape[-2]:
@@ -117,3 +123,23 @@ class MLAttention(nn.Module):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1]
         )
+
+    @torch.no_grad()
+    def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Fold this forward's per-head max of `scale·q·k` over attended (q, k) pairs into `max_logits`.
+
+        Same q/k as SDPA sees, so naive and absorbed paths record the same value; the running max
+        spans micro-batches until the optimizer resets it (None).
+        """
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.softmax_scale  # [B, nH, T, S]
+        t, s = logits.shape[-2:]
+        if mask is None:
+            if t > 1:  # causal over an empty cache (see _sdpa)
+                allowed = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+                logits = logits.masked_fill(~allowed, float("-inf"))
+        elif mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:  # additive float mask, as SDPA takes it
+            logits = logits + mask.float()
+        head_max = logits.amax(dim=(0, 2, 3))
+        self.max_logits = head_max if self.max_logits is None else torch.maximum(self.max_logits, head_max)
