@@ -91,3 +91,46 @@ def hf_k25_config(path: str | Path):
         hf.projection_layer_norm_eps = v.projector_ln_eps
     hf.image_token_id = ours.media_placeholder_token_id
     return hf
+
+
+def byte_tokenizer(directory: str | Path):
+    """A KimiTokenizer over the 256 single bytes (vocab 256 + 256 Kimi specials = 512 = `tiny`'s)."""
+    from .chat.tokenizer import KimiTokenizer, write_tiktoken_ranks
+
+    path = Path(directory) / "tiktoken.model"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_tiktoken_ranks({bytes([b]): b for b in range(256)}, path)
+    return KimiTokenizer(path)
+
+
+class ServerThread:
+    """Run an ASGI app with uvicorn on a free localhost port in a thread (tests, demos)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind((host, 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=20)

@@ -1,0 +1,247 @@
+"""OpenAI-compatible request schemas and the Kimi mode rules that turn a request into a plan.
+
+Pydantic parses the body; :func:`plan_chat` then applies K2.5's semantics: Thinking by default,
+Instant through the official `thinking: {"type": "disabled"}` or vLLM's
+`chat_template_kwargs: {"thinking": false}`, per-mode default sampling from the model card
+(temperature 1.0 / 0.6, top_p 0.95), and — with `strict` — the official platform's rules.
+Every rejection is an :class:`APIError` carrying the OpenAI error shape and the offending param.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..chat.template import missing_reasoning
+
+THINKING_TEMPERATURE = 1.0
+INSTANT_TEMPERATURE = 0.6
+DEFAULT_TOP_P = 0.95
+
+
+class APIError(Exception):
+    """An error answered to the client as `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(
+        self, message: str, status: int = 400, param: str | None = None, type: str = "invalid_request_error",
+        code: str | None = None, headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status, self.param, self.type, self.code = message, status, param, type, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Lenient(BaseModel):
+    # Clients send fields we ignore (user, metadata, store, ...): accept them, as vLLM does.
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ThinkingParam(_Lenient):
+    type: Literal["enabled", "disabled"] = "enabled"
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: dict[str, Any] | None = None
+
+
+class SamplingFields(_Lenient):
+    """Fields shared by /v1/chat/completions and /v1/completions."""
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = None
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    n: int = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    thinking: ThinkingParam | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    suffix: str | None = None
+
+
+def parse_body(model: type[BaseModel], body: Any) -> Any:
+    """Validate a JSON body; the first problem becomes a 400 naming its JSON path."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        path = ".".join(str(p) for p in err["loc"]) or "body"
+        raise APIError(f"{path}: {err['msg']}", param=path) from None
+
+
+@dataclass
+class ChatPlan:
+    """What the server will do for one chat request, after the mode rules."""
+
+    thinking: bool
+    sampling: dict[str, Any]
+    max_tokens: int | None
+    tools: list[dict[str, Any]] | None
+    tool_choice: str | dict[str, Any]
+    forced_function: str | None = None
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_messages(messages: list[dict[str, Any]]) -> None:
+    if not messages:
+        raise APIError("messages: must contain at least one message", param="messages")
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role not in ROLES:
+            raise APIError(f"messages[{i}].role: expected one of {list(ROLES)}, got {role!r}",
+                           param=f"messages.{i}.role")
+        if role == "tool" and not m.get("tool_call_id"):
+            raise APIError(f"messages[{i}].tool_call_id: required for a tool message",
+                           param=f"messages.{i}.tool_call_id")
+        for j, call in enumerate(m.get("tool_calls") or []):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise APIError(
+                    f"messages[{i}].tool_calls[{j}].function.name: required", param=f"messages.{i}.tool_calls.{j}"
+                )
+
+
+def _check_tools(tools: list[dict[str, Any]]) -> None:
+    for i, t in enumerate(tools):
+        fn = t.get("function")
+        if t.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise APIError(f"tools[{i}]: expected {{'type': 'function', 'function': {{...}}}}", param=f"tools.{i}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError(f"tools[{i}].function.name: required", param=f"tools.{i}.function.name")
+        params = fn.get("parameters")
+        if params is not None and (not isinstance(params, dict) or "type" not in params):
+            raise APIError(
+                f"tools[{i}].function.parameters: must be a JSON schema object with a 'type'",
+                param=f"tools.{i}.function.parameters",
+            )
+
+
+def _mode(req: ChatCompletionRequest, strict: bool) -> bool:
+    """Thinking (True) or Instant (False) from the official field or vLLM's template kwargs."""
+    if strict and req.thinking is not None and req.reasoning_effort is not None:
+        raise APIError("cannot specify both 'thinking' and 'reasoning_effort'", param="reasoning_effort")
+    kwargs = req.chat_template_kwargs or {}
+    if "thinking" in kwargs and not isinstance(kwargs["thinking"], bool):
+        raise APIError("chat_template_kwargs.thinking: expected true or false", param="chat_template_kwargs.thinking")
+    if req.thinking is not None and "thinking" in kwargs and (req.thinking.type == "enabled") != kwargs["thinking"]:
+        raise APIError(
+            "thinking and chat_template_kwargs.thinking disagree; send one of them", param="chat_template_kwargs"
+        )
+    if req.thinking is not None:
+        return req.thinking.type == "enabled"
+    return bool(kwargs.get("thinking", True))
+
+
+def plan_chat(req: ChatCompletionRequest, *, strict: bool = False) -> ChatPlan:
+    """Apply the K2.5 rules to a parsed chat request."""
+    _check_messages(req.messages)
+    if req.tools:
+        _check_tools(req.tools)
+    thinking = _mode(req, strict)
+    if req.n != 1:
+        raise APIError("n: only n=1 is supported; send several requests instead", param="n")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(
+            f"response_format.type={req.response_format.type!r}: constrained decoding is not implemented yet; "
+            "use 'text'",
+            param="response_format",
+        )
+    default_temperature = THINKING_TEMPERATURE if thinking else INSTANT_TEMPERATURE
+    if strict:
+        fixed = {"temperature": default_temperature, "top_p": DEFAULT_TOP_P, "presence_penalty": 0.0,
+                 "frequency_penalty": 0.0}
+        for name, value in fixed.items():
+            sent = getattr(req, name)
+            if sent is not None and abs(sent - value) > 1e-9:
+                raise APIError(
+                    f"invalid {name}: only {value} is allowed for this model in "
+                    f"{'thinking' if thinking else 'non-thinking'} mode",
+                    param=name,
+                )
+        missing = missing_reasoning(req.messages) if thinking else []
+        if missing:
+            raise APIError(
+                "thinking is enabled but reasoning_content is missing in assistant tool call message "
+                f"at index {missing[0]}",
+                param=f"messages.{missing[0]}.reasoning_content",
+            )
+    if req.max_tokens is not None and req.max_completion_tokens is not None and (
+        req.max_tokens != req.max_completion_tokens
+    ):
+        raise APIError("max_tokens and max_completion_tokens disagree; send one", param="max_completion_tokens")
+    tool_choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
+    forced = None
+    if isinstance(tool_choice, dict):
+        fn = tool_choice.get("function") or {}
+        forced = fn.get("name")
+        names = [t["function"]["name"] for t in req.tools or []]
+        if forced not in names:
+            raise APIError(f"tool_choice.function.name={forced!r}: not among the tools {names}", param="tool_choice")
+    elif tool_choice not in ("auto", "none", "required"):
+        raise APIError(f"tool_choice={tool_choice!r}: expected auto, none, required or a function", param="tool_choice")
+    elif tool_choice == "required" and not req.tools:
+        raise APIError("tool_choice='required' needs tools", param="tool_choice")
+    sampling = {
+        "temperature": default_temperature if req.temperature is None else req.temperature,
+        "top_p": DEFAULT_TOP_P if req.top_p is None else req.top_p,
+        "top_k": req.top_k or 0,
+        "min_p": req.min_p or 0.0,
+        "seed": req.seed,
+        "stop": req.stop,
+        "stop_token_ids": req.stop_token_ids,
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "repetition_penalty": req.repetition_penalty or 1.0,
+        "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
+        "ignore_eos": req.ignore_eos,
+    }
+    return ChatPlan(
+        thinking=thinking,
+        sampling=sampling,
+        max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
+        tools=req.tools if tool_choice != "none" else None,
+        tool_choice=tool_choice,
+        forced_function=forced,
+        messages=req.messages,
+    )
+
