@@ -252,7 +252,10 @@ def _history(messages: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], 
     return out
 
 
-def _last_ok(hist: list[tuple[str, dict[str, Any], str]], name: str, pred: Callable[[dict[str, Any]], bool]) -> str | None:
+History = list[tuple[str, dict[str, Any], str]]
+
+
+def _last_ok(hist: History, name: str, pred: Callable[[dict[str, Any]], bool]) -> str | None:
     for n, args, result in reversed(hist):
         if n == name and pred(args) and not result.startswith("Error:"):
             return result
@@ -473,7 +476,9 @@ async def _run_modes(model: ChatModel, tasks: list[BenchTask], search: DocumentS
             per_task.append({"task_id": task.task_id, **score_table(answer, task.gold), "critical_steps": crit,
                              "total_steps": total, "tool_calls": calls_, "wall_seconds": wall,
                              "tokens": usage.total_tokens, "cost": cost})
-        mean = lambda k: statistics.fmean(t[k] for t in per_task)  # noqa: E731
+        def mean(k: str, rows: list[dict[str, Any]] = per_task) -> float:
+            return statistics.fmean(t[k] for t in rows)
+
         reports[mode] = ModeReport(
             mode, mean("item_f1"), mean("row_f1"), mean("success"), mean("critical_steps"), mean("total_steps"),
             mean("tool_calls"), sum(t["wall_seconds"] for t in per_task), sum(t["tokens"] for t in per_task),
