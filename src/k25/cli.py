@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 # Subsystems that add their own subcommands through `register(subparsers)`.
-SUBCOMMAND_MODULES = ("k25.chat.cli",)
+SUBCOMMAND_MODULES = ("k25.chat.cli", "k25.agents.cli")
 
 
 def _load_config(model: str):

@@ -1,0 +1,216 @@
+"""``k25 agent``, ``k25 swarm`` and ``k25 agent-bench``: the agent runtime from the command line.
+
+The endpoint comes from ``--base-url/--model/--api-key`` or the environment (``K25_BASE_URL`` or
+``OPENAI_BASE_URL``; ``K25_API_KEY``, ``OPENAI_API_KEY`` or ``MOONSHOT_API_KEY``; ``K25_MODEL``).
+Progress (steps, sub-agents running, tool calls) goes to stderr; the answer to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .model import ENV_MODEL, ChatModel, ModelError, Pricing, env_first
+from .trace import TraceError
+
+
+class Progress:
+    """Prints one short line per interesting event, with running counters."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, highlight=False)
+        self.quiet = quiet
+        self.tool_calls = 0
+        self.running: set[str] = set()
+        self.steps: dict[str, int] = {}
+
+    def __call__(self, e: dict[str, Any]) -> None:
+        kind = e.get("type")
+        who = e.get("agent", "")
+        line = None
+        if kind == "response":
+            self.steps[who or "agent"] = e["step"]
+            msg = e["message"]
+            names = [c["function"]["name"] for c in msg.get("tool_calls") or []]
+            line = f"step {e['step']}: " + (f"calls {', '.join(names)}" if names else "answers")
+        elif kind == "tool_call":
+            self.tool_calls += 1
+        elif kind == "tool_result" and e.get("is_error"):
+            line = f"{e['name']} failed: {str(e['content'])[:120]}"
+        elif kind == "task_start":
+            self.running.add(e["task_id"])
+            line = f"sub-agent {e['agent']} starts task {e['task_id']}"
+        elif kind == "task_end":
+            self.running.discard(e["task_id"])
+            line = f"sub-agent {e['agent']} {e['status']} after {e['steps']} steps"
+        elif kind == "compaction":
+            line = f"context compacted ({e['summarised_messages']} messages summarised)"
+        elif kind == "run" and who:
+            who = who.split("/")[0]
+        if line and not self.quiet:
+            tag = (e.get("agent") or "swarm").split("/")[0]
+            self.console.print(f"[dim]\\[{tag}][/dim] {line}  [dim](tool calls {self.tool_calls}, "
+                               f"sub-agents running {len(self.running)})[/dim]")
+
+
+def _model(args: argparse.Namespace) -> ChatModel:
+    thinking = {"on": True, "off": False}.get(args.thinking)
+    return ChatModel(
+        model=args.model or env_first(ENV_MODEL) or "kimi-k2.5", base_url=args.base_url, api_key=args.api_key,
+        thinking=thinking, thinking_style=args.thinking_style, max_retries=args.retries,
+    )
+
+
+def _tools(args: argparse.Namespace) -> list[Any]:
+    from .builtin import default_tools
+    from .sandbox import Limits
+
+    limits = Limits(cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb, wall_seconds=args.wall_seconds)
+    return default_tools(workspace=args.workspace, docs=args.docs, code=not args.no_code, limits=limits)
+
+
+def _pricing(args: argparse.Namespace) -> Pricing:
+    return Pricing(args.price_input, args.price_output)
+
+
+def _report(summary: dict[str, Any], answer: str | None, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"answer": answer, **summary}, ensure_ascii=False, indent=2))
+        return
+    print(answer or "(no answer)")
+    print(" ".join(f"{k}={v}" for k, v in summary.items()), file=sys.stderr)
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from .agent import Agent, AgentConfig
+
+    config = AgentConfig(max_steps=args.max_steps, pricing=_pricing(args), max_context_tokens=args.max_context)
+    agent = Agent(_model(args), _tools(args), args.system, config)
+    res = asyncio.run(agent.run(args.task, trace=args.trace, resume=args.resume, on_event=Progress(args.quiet)))
+    _report({"stop_reason": res.stop_reason, "steps": res.steps, "tool_calls": res.tool_calls,
+             "prompt_tokens": res.usage.prompt_tokens, "completion_tokens": res.usage.completion_tokens,
+             "cost_usd": round(res.cost, 6), "wall_seconds": round(res.wall_seconds, 2)}, res.answer, args.json)
+    return 0 if res.stop_reason == "answer" else 1
+
+
+def cmd_swarm(args: argparse.Namespace) -> int:
+    from .swarm import Swarm, SwarmConfig
+
+    config = SwarmConfig(
+        max_subagents=args.max_subagents, max_tool_calls=args.max_tool_calls,
+        orchestrator_steps=args.orchestrator_steps, subagent_steps=args.subagent_steps,
+        max_concurrency=args.max_concurrency, task_timeout=args.task_timeout, pricing=_pricing(args),
+    )
+    swarm = Swarm(_model(args), _tools(args), config, system_prompt=args.system)
+    res = asyncio.run(swarm.run(args.task, run_dir=args.run_dir, resume=args.resume, on_event=Progress(args.quiet)))
+    _report(res.summary(), res.answer, args.json)
+    return 0 if res.stop_reason == "answer" else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmark
+
+    model = _model(args) if (args.base_url or args.real) else None
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    report = asyncio.run(run_benchmark(model, n_tasks=args.tasks, seed=args.seed, modes=modes,
+                                       failure_rate=args.failure_rate, latency=args.latency,
+                                       per_sector=args.per_sector))
+    data = report.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"WideSearch-style offline benchmark: {data['tasks']} tasks, model {data['model']}, "
+          f"injected tool failures {data['failure_rate']:.0%}")
+    cols = ("item_f1", "row_f1", "success", "critical_steps", "total_steps", "tool_calls", "wall_seconds", "tokens",
+            "cost")
+    print(f"{'mode':8}" + "".join(f"{c:>15}" for c in cols))
+    for mode, row in data["modes"].items():
+        print(f"{mode:8}" + "".join(f"{row[c]:>15}" for c in cols))
+    if data["speedup"]:
+        s = data["speedup"]
+        print(f"swarm speed-up: {s['wall']:.2f}x wall clock, {s['critical_steps']:.2f}x critical steps")
+    return 0
+
+
+def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (ModelError, TraceError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
+            print(f"k25: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("k25: interrupted; rerun with --resume to continue from the trace", file=sys.stderr)
+            return 130
+
+    return run
+
+
+def _endpoint_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("endpoint")
+    g.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
+                                      "(default: $K25_BASE_URL or $OPENAI_BASE_URL)")
+    g.add_argument("--model", help="model name (default: $K25_MODEL or kimi-k2.5)")
+    g.add_argument("--api-key", help="API key (default: $K25_API_KEY, $OPENAI_API_KEY or $MOONSHOT_API_KEY)")
+    g.add_argument("--thinking", choices=("default", "on", "off"), default="default",
+                   help="off = Instant mode; default sends nothing (K2.5 thinks by default)")
+    g.add_argument("--thinking-style", choices=("both", "moonshot", "vllm"), default="both",
+                   help="how to send --thinking: Moonshot's 'thinking' field, vLLM's chat_template_kwargs, or both")
+    g.add_argument("--retries", type=int, default=4, help="retries per model call on 429/5xx/transport errors")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", help="the task, in words")
+    _endpoint_args(p)
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--workspace", help="folder the agent may read and write (the interpreter runs in it)")
+    p.add_argument("--docs", help="folder of text documents to search (BM25)")
+    p.add_argument("--no-code", action="store_true", help="no Python interpreter tool")
+    p.add_argument("--cpu-seconds", type=int, default=10, help="interpreter CPU-time limit per run")
+    p.add_argument("--memory-mb", type=int, default=1024, help="interpreter memory limit per run")
+    p.add_argument("--wall-seconds", type=float, default=30.0, help="interpreter wall-clock limit per run")
+    p.add_argument("--price-input", type=float, default=0.60, help="dollars per million input tokens")
+    p.add_argument("--price-output", type=float, default=3.00, help="dollars per million output tokens")
+    p.add_argument("--resume", action="store_true", help="continue the run recorded in --trace / --run-dir")
+    p.add_argument("--json", action="store_true", help="print the answer and the accounting as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``agent``, ``swarm`` and ``agent-bench`` to the ``k25`` CLI."""
+    p = subparsers.add_parser("agent", help="run a task in Agent mode against an OpenAI-compatible endpoint")
+    _run_args(p)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--max-context", type=int, default=262_144, help="context size that triggers compaction at 85%%")
+    p.add_argument("--trace", help="JSONL trace file (needed for --resume)")
+    p.set_defaults(func=_guard(cmd_agent))
+
+    p = subparsers.add_parser("swarm", help="run a task in Agent Swarm mode (orchestrator + parallel sub-agents)")
+    _run_args(p)
+    p.add_argument("--run-dir", help="folder for the traces (needed for --resume)")
+    p.add_argument("--max-subagents", type=int, default=100)
+    p.add_argument("--max-tool-calls", type=int, default=1500)
+    p.add_argument("--orchestrator-steps", type=int, default=100)
+    p.add_argument("--subagent-steps", type=int, default=100)
+    p.add_argument("--max-concurrency", type=int, default=None, help="sub-agent tasks running at once")
+    p.add_argument("--task-timeout", type=float, default=1800.0, help="seconds per sub-agent task")
+    p.set_defaults(func=_guard(cmd_swarm))
+
+    p = subparsers.add_parser("agent-bench", help="offline WideSearch-style benchmark: single agent vs swarm")
+    _endpoint_args(p)
+    p.add_argument("--real", action="store_true", help="use the endpoint from the environment instead of the "
+                                                       "scripted model (implied by --base-url)")
+    p.add_argument("--tasks", type=int, default=6)
+    p.add_argument("--per-sector", type=int, default=6, help="companies per sector (rows per table)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default="agent,swarm")
+    p.add_argument("--failure-rate", type=float, default=0.0, help="fraction of tool calls that fail (injected)")
+    p.add_argument("--latency", type=float, default=0.02, help="scripted model: seconds per model call")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_guard(cmd_bench))
