@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.k25-installed
 
-.PHONY: install run test lint slow clean
+.PHONY: install run test lint slow clean chromium
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Debian's chromium for the playground test (playwright drives it; it never downloads a browser).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "warning: could not install chromium; the playground test will be skipped (it says why)"
+
 # Until the server lands: scale accounting for the real model, then a random tiny checkpoint
 # written in the official layout, loaded back and used for generation.
 run: install
@@ -26,7 +32,7 @@ run: install
 lint: install
 	$(BIN)/ruff check src tests
 
-test: install lint
+test: install chromium lint
 	$(BIN)/python -m pytest -q
 
 slow: install

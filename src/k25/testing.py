@@ -134,3 +134,57 @@ class ServerThread:
     def __exit__(self, *exc: Any) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=20)
+
+
+class ScriptedBackend:
+    """A server Backend that replays queued output texts one token per step (no model).
+
+    Records prompts, sampling params and aborts, so HTTP-level tests can assert on exactly what
+    the server sent and did with known output. `full=True` makes it refuse with QueueFullError.
+    """
+
+    model_name = "k25-test"
+    max_model_len = 4096
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.outputs: list[str] = []
+        self.prompts: list[str] = []
+        self.sampling: list[dict[str, Any]] = []
+        self.aborted: list[str] = []
+        self.full = False
+        self.delay = 0.0
+
+    def stream(self, request_id, prompt_ids, sampling, max_tokens):
+        from .server.backend import QueueFullError
+
+        if self.full:
+            raise QueueFullError(retry_after=3)
+        self.prompts.append(self.tokenizer.decode(prompt_ids))
+        self.sampling.append(sampling)
+        ids = self.tokenizer.encode(self.outputs.pop(0))
+        return self._steps(request_id, prompt_ids, ids, sampling, max_tokens)
+
+    async def _steps(self, rid, prompt_ids, ids, sampling, max_tokens):
+        import asyncio
+
+        from .server.backend import StepOutput
+
+        stops = set(sampling.get("stop_token_ids") or []) | {self.tokenizer.im_end_id}
+        for n, t in enumerate(ids):
+            await asyncio.sleep(self.delay)
+            if n + 1 >= max_tokens and t not in stops:
+                yield StepOutput([t], "length", len(prompt_ids), 3)
+                return
+            done = t in stops
+            lp = (-0.5, [(t, -0.5), (65, -1.5)]) if sampling.get("logprobs") is not None else None
+            yield StepOutput([t], "stop" if done else None, len(prompt_ids), 3, logprobs=[lp] if lp else None)
+            if done:
+                return
+        yield StepOutput([], "stop", len(prompt_ids), 3)
+
+    def abort(self, request_id):
+        self.aborted.append(request_id)
+
+    def stats(self):
+        return {"queue_depth": 0, "running": 0}

@@ -9,60 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
 import httpx2 as httpx  # the HTTP client the openai package itself uses
 import openai
 import pytest
 
 from k25.server.app import create_app
-from k25.server.backend import QueueFullError, StepOutput
-from k25.testing import ServerThread, byte_tokenizer
-
-
-class ScriptedBackend:
-    """Emits queued output texts, one token per step; records prompts, params and aborts."""
-
-    model_name = "k25-test"
-    max_model_len = 4096
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.outputs: list[str] = []
-        self.prompts: list[str] = []
-        self.sampling: list[dict[str, Any]] = []
-        self.aborted: list[str] = []
-        self.full = False
-        self.delay = 0.0
-
-    def stream(self, request_id, prompt_ids, sampling, max_tokens):
-        if self.full:
-            raise QueueFullError(retry_after=3)
-        self.prompts.append(self.tokenizer.decode(prompt_ids))
-        self.sampling.append(sampling)
-        ids = self.tokenizer.encode(self.outputs.pop(0))
-        return self._steps(request_id, prompt_ids, ids, sampling, max_tokens)
-
-    async def _steps(self, rid, prompt_ids, ids, sampling, max_tokens):
-        stops = set(sampling.get("stop_token_ids") or []) | {self.tokenizer.im_end_id}
-        for n, t in enumerate(ids):
-            await asyncio.sleep(self.delay)
-            if n + 1 >= max_tokens and t not in stops:
-                yield StepOutput([t], "length", len(prompt_ids), 3)
-                return
-            done = t in stops
-            lp = (-0.5, [(t, -0.5), (65, -1.5)]) if sampling.get("logprobs") is not None else None
-            yield StepOutput([t], "stop" if done else None, len(prompt_ids), 3, logprobs=[lp] if lp else None)
-            if done:
-                return
-        yield StepOutput([], "stop", len(prompt_ids), 3)
-
-    def abort(self, request_id):
-        self.aborted.append(request_id)
-
-    def stats(self):
-        return {"queue_depth": 0, "running": 0}
-
+from k25.testing import ScriptedBackend, ServerThread, byte_tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},

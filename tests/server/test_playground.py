@@ -1,0 +1,67 @@
+"""The web playground in a real headless Chromium: type a question, see reasoning and answer stream in."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from k25.server.app import create_app
+from k25.testing import ScriptedBackend, ServerThread, byte_tokenizer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test installs it)")
+
+
+@pytest.fixture
+def page_and_backend(tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright drives the browser (test extra)")
+    backend = ScriptedBackend(byte_tokenizer(tmp_path))
+    with ServerThread(create_app(backend)) as srv, playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-quic"],
+        )
+        page = browser.new_page()
+        page.goto(srv.url + "/")
+        yield page, backend, tmp_path
+        browser.close()
+
+
+def test_chat_in_the_browser(page_and_backend):
+    page, backend, tmp_path = page_and_backend
+    page.wait_for_function("document.getElementById('model').textContent.includes('k25-test')")
+    backend.outputs = ["Adding two and two.</think>2 + 2 = 4.<|im_end|>"]
+    page.fill("#prompt", "What is 2+2?")
+    page.click("#send")
+    page.wait_for_selector(".assistant .meta")
+    assert page.inner_text(".assistant .content") == "2 + 2 = 4."
+    assert "Adding two and two." in page.text_content(".assistant details.reasoning pre")
+    assert "stop" in page.inner_text(".assistant .meta")
+    assert backend.prompts[-1].endswith("What is 2+2?<|im_end|><|im_assistant|>assistant<|im_middle|><think>")
+    page.screenshot(path=str(tmp_path / "playground.png"))
+    # Instant mode and a second turn: the history (with its reasoning) goes back to the server
+    page.select_option("#mode", "instant")
+    backend.outputs = ["Eight.<|im_end|>"]
+    page.fill("#prompt", "And 4+4?")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelectorAll('.assistant .meta').length == 2")
+    assert page.locator(".assistant .content").nth(1).inner_text() == "Eight."
+    assert backend.prompts[-1].endswith("<think></think>")
+    assert "2 + 2 = 4." in backend.prompts[-1]
+
+
+def test_errors_are_shown(page_and_backend):
+    page, backend, _ = page_and_backend
+    page.fill("#tools", "[not json")
+    page.fill("#prompt", "hi")
+    page.click("#send")
+    page.wait_for_selector("span.error")
+    assert "tools:" in page.inner_text("span.error")
+    backend.full = True
+    page.fill("#tools", "")
+    page.fill("#prompt", "hi")
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll('span.error').length == 2")
+    assert "429: the server is at capacity" in page.locator("span.error").nth(1).inner_text()
