@@ -224,19 +224,27 @@ class Sandbox:
             start_new_session=True, preexec_fn=functools.partial(_set_limits, limits),
         )
         limit_hit = None
+        out, err = bytearray(), bytearray()
+        keep = 4 * limits.output_chars + 1024  # read everything (the child must not block), keep a bounded part
+        readers = [asyncio.create_task(_drain(proc.stdout, out, keep)),
+                   asyncio.create_task(_drain(proc.stderr, err, keep))]
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), limits.wall_seconds)
-        except asyncio.TimeoutError:
-            limit_hit = f"wall-clock limit of {limits.wall_seconds:g} s exceeded"
-            _kill(proc)
-            out, err = await proc.communicate()
+            try:
+                await asyncio.wait_for(proc.wait(), limits.wall_seconds)
+            except asyncio.TimeoutError:
+                limit_hit = f"wall-clock limit of {limits.wall_seconds:g} s exceeded"
+                _kill(proc)
+                await proc.wait()
+            await asyncio.wait_for(asyncio.gather(*readers), 5)
         except BaseException:  # cancelled: never leave the child running
             _kill(proc)
-            with contextlib.suppress(Exception):
+            for r in readers:
+                r.cancel()
+            with contextlib.suppress(BaseException):
                 await asyncio.wait_for(proc.wait(), 5)
             raise
-        stdout = _cap(out.decode("utf-8", "replace"), limits.output_chars)
-        stderr = _cap(err.decode("utf-8", "replace"), limits.output_chars)
+        stdout = _cap(bytes(out).decode("utf-8", "replace"), limits.output_chars)
+        stderr = _cap(bytes(err).decode("utf-8", "replace"), limits.output_chars)
         rc = proc.returncode
         if limit_hit is None:
             limit_hit = _which_limit(rc, stderr, limits)
@@ -244,6 +252,14 @@ class Sandbox:
             str(p.relative_to(workdir)) for p in Path(workdir).rglob("*") if p.is_file() and p.name != "main.py"
         )
         return RunResult(stdout, stderr, rc, limit_hit, self.isolation, files)
+
+
+async def _drain(stream: asyncio.StreamReader | None, buf: bytearray, keep: int) -> None:
+    if stream is None:
+        return
+    while chunk := await stream.read(65536):
+        if len(buf) < keep:
+            buf.extend(chunk[: keep - len(buf)])
 
 
 def _kill(proc: asyncio.subprocess.Process) -> None:
