@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 # Subsystems that add their own subcommands through `register(subparsers)`.
-SUBCOMMAND_MODULES = ("k25.chat.cli", "k25.agents.cli")
+SUBCOMMAND_MODULES = (
+    "k25.chat.cli", "k25.train.cli", "k25.engine.cli", "k25.agents.cli", "k25.data.cli", "k25.server.cli",
+)
 
 
 def _load_config(model: str):
@@ -46,8 +48,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.text_only:
         config.vision_config = None
     model = build_model(config, seed=args.seed, dtype=args.dtype)
-    path = save_model(model, config, args.out, int4_experts=args.int4)
-    print(f"wrote random {args.preset} checkpoint to {path}")
+    tokenizer = None
+    if config.text_config.vocab_size == 512:  # 256 byte tokens + the 256 Kimi specials: a byte tokenizer fits
+        import tempfile
+
+        from .testing import byte_tokenizer
+
+        tokenizer = byte_tokenizer(tempfile.mkdtemp())
+    path = save_model(model, config, args.out, int4_experts=args.int4, tokenizer=tokenizer)
+    print(f"wrote random {args.preset} checkpoint to {path}" + (" (with a byte-level tokenizer)" if tokenizer else ""))
     return 0
 
 

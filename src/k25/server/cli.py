@@ -1,0 +1,51 @@
+"""`k25 serve`: the OpenAI-compatible API and the playground over a checkpoint directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..chat.tokenizer import KimiTokenizer
+    from ..checkpoint.model_io import load_model, text_model
+    from ..engine.engine import EngineConfig, LLMEngine
+    from .app import create_app
+    from .engine_backend import EngineBackend
+
+    directory = Path(args.model)
+    if not (directory / "tiktoken.model").exists():
+        raise SystemExit(f"{directory}: no tiktoken.model there; `k25 serve` needs a checkpoint with its tokenizer")
+    tokenizer = KimiTokenizer.from_pretrained(directory)
+    model = text_model(load_model(directory, dtype=args.dtype, vision=False))
+    engine = LLMEngine(model, EngineConfig(cache_tokens=args.cache_tokens, max_num_seqs=args.max_num_seqs),
+                       tokenizer=tokenizer)
+    name = args.served_model_name or directory.name
+    backend = EngineBackend(engine, tokenizer, name, max_waiting=args.max_waiting, max_model_len=args.max_model_len)
+    app = create_app(backend, strict_kimi_api=args.strict_kimi_api)
+    print(f"k25: serving {name} from {directory} on http://{args.host}:{args.port} "
+          f"(playground at /, API at /v1)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        backend.close()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a checkpoint behind the OpenAI-compatible API and the playground")
+    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tiktoken.model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: directory name)")
+    p.add_argument("--strict-kimi-api", action="store_true",
+                   help="reproduce the official platform's rules (fixed sampling values, reasoning_content checks)")
+    p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--cache-tokens", type=int, default=32768, help="latent KV cache size in tokens")
+    p.add_argument("--max-num-seqs", type=int, default=16, help="requests generated together")
+    p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: the checkpoint's)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
