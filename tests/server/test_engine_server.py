@@ -116,7 +116,8 @@ def test_k25_serve_command(checkpoint):
                 break
             except openai.APIConnectionError:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise AssertionError(proc.stdout.read().decode() if proc.poll() is not None else "no answer")
+                    output = proc.stdout.read().decode() if proc.poll() is not None else "no answer"
+                    raise AssertionError(f"k25 serve did not come up: {output}") from None
                 time.sleep(0.3)
         assert models.data[0].id == checkpoint.name
         r = client.chat.completions.create(model=checkpoint.name, messages=[{"role": "user", "content": "hi"}],

@@ -111,10 +111,9 @@ class EngineBackend:
             self._delivered[rid] = 0
             if self.engine.sequences[rid].is_finished:  # max_tokens == 0
                 self._deliver(self.engine.output(rid))
-        elif kind == "abort":
-            if self.engine.abort(arg):
-                self.engine.release(arg)
-                self._delivered.pop(arg, None)
+        elif kind == "abort" and self.engine.abort(arg):
+            self.engine.release(arg)
+            self._delivered.pop(arg, None)
 
     def _deliver(self, out: RequestOutput) -> None:
         seen = self._delivered.get(out.request_id, 0)
