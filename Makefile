@@ -22,12 +22,14 @@ chromium:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "warning: could not install chromium; the playground test will be skipped (it says why)"
 
-# Until the server lands: scale accounting for the real model, then a random tiny checkpoint
-# written in the official layout, loaded back and used for generation.
+# Serve a model behind the OpenAI-compatible API and the playground (http://127.0.0.1:8000/).
+# Until k25-mini is trained and shipped, that model is a random `tiny` checkpoint (official layout,
+# byte-level tokenizer): the whole stack works, the words are noise. PORT=... to change the port.
+PORT ?= 8000
 run: install
 	$(BIN)/k25 info kimi-k2.5
-	$(BIN)/k25 init tiny out/tiny-random
-	$(BIN)/k25 generate out/tiny-random --prompt-ids "1 2 3 4" --max-new-tokens 16
+	test -f out/tiny-random/tiktoken.model || $(BIN)/k25 init tiny out/tiny-random
+	$(BIN)/k25 serve out/tiny-random --port $(PORT) --served-model-name k25-tiny-random
 
 lint: install
 	$(BIN)/ruff check src tests
