@@ -23,6 +23,8 @@ _LAZY = {
     "K25ForCausalLM": ("k25.model.transformer", "K25ForCausalLM"),
     "K25ForConditionalGeneration": ("k25.model.multimodal", "K25ForConditionalGeneration"),
     "generate": ("k25.engine.generate", "generate"),
+    "LLM": ("k25.engine.llm", "LLM"),
+    "SamplingParams": ("k25.engine.sampling", "SamplingParams"),
 }
 
 __all__ = ["__version__", *_LAZY]
