@@ -1,18 +1,10 @@
-"""Shared helpers: a scripted OpenAI-compatible server on 127.0.0.1 and a client model for it."""
+"""Shared fixture: scripted OpenAI-compatible servers on 127.0.0.1, always stopped at the end."""
 
 from __future__ import annotations
 
 import pytest
 
-from k25.agents import ChatModel
 from k25.agents.scripted import ScriptedServer
-
-
-def model_for(server: ScriptedServer, **kw) -> ChatModel:
-    """A ChatModel on the scripted server with fast back-off, so retry tests stay quick."""
-    kw.setdefault("backoff_base", 0.01)
-    kw.setdefault("backoff_max", 0.05)
-    return ChatModel(base_url=server.base_url, model=server.model, api_key="test", **kw)
 
 
 @pytest.fixture

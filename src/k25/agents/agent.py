@@ -134,6 +134,9 @@ class Agent:
 
     async def _loop(self, s: ReplayState, log: Trace, task: str) -> str:
         cfg = self.config
+        last = s.messages[-1] if s.messages else {}
+        if last.get("role") == "assistant" and not last.get("tool_calls"):  # killed just before "final"
+            return self._finish(s, log, "answer", last.get("content") or "")
         if s.open_step is not None:  # killed while tools ran: finish the calls that have no result yet
             step, msg, done = s.open_step
             await self._run_tools(s, log, step, msg, done)

@@ -94,12 +94,12 @@ class ModelReply:
     attempts: int = 1
 
 
-class RateLimited(Exception):
-    """The endpoint kept answering 429 after every retry (the swarm requeues such tasks)."""
-
-
 class ModelError(Exception):
     """The endpoint failed in a way retrying does not fix, or retries ran out."""
+
+
+class RateLimited(ModelError):
+    """The endpoint kept answering 429 after every retry (the swarm requeues such tasks)."""
 
 
 RETRYABLE = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError)
@@ -147,12 +147,14 @@ class ChatModel:
 
     @property
     def client(self) -> openai.AsyncOpenAI:
-        if self._client is None:
+        """One SDK client per event loop (its connection pool cannot outlive the loop that made it)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client[0] is not loop:
             # Retries are ours (they must be visible to the swarm's rate-limit logic), not the SDK's.
-            self._client = openai.AsyncOpenAI(
+            self._client = (loop, openai.AsyncOpenAI(
                 base_url=self.base_url, api_key=self.api_key or "EMPTY", max_retries=0, timeout=self.timeout
-            )
-        return self._client
+            ))
+        return self._client[1]
 
     def _body(self) -> dict[str, Any]:
         body = dict(self.extra_body)

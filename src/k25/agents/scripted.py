@@ -93,6 +93,14 @@ class ScriptedServer:
             raise RuntimeError("the scripted server is not running; use it as a context manager")
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def chat_model(self, **options: Any) -> Any:
+        """A :class:`~k25.agents.model.ChatModel` for this server (fast back-off: it is local)."""
+        from .model import ChatModel
+
+        options.setdefault("backoff_base", 0.01)
+        options.setdefault("backoff_max", 0.05)
+        return ChatModel(base_url=self.base_url, model=self.model, api_key="scripted", **options)
+
     def _next(self, body: dict[str, Any]) -> Any:
         if self._replies is not None:
             with self._lock:
