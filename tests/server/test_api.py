@@ -231,3 +231,32 @@ def test_models_health_metrics_and_completions(client, backend, server):
     assert 'k25_requests_total{endpoint="completions",status="200"} 2.0' in metrics
     assert "k25_queue_depth 0.0" in metrics and "k25_prefix_cache_hit_rate" in metrics
     assert "k25_time_to_first_token_seconds_bucket" in metrics
+
+
+def test_api_key(backend):
+    with ServerThread(create_app(backend, api_key="s3cret")) as srv:
+        bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError, match="invalid or missing API key"):
+            bad.models.list()
+        assert httpx.post(srv.url + "/v1/chat/completions", json={}).status_code == 401
+        assert httpx.get(srv.url + "/health").status_code == 200
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
+        assert good.models.list().data[0].id == "k25-test"
+
+
+@pytest.mark.parametrize("body", [
+    [], "text", 3, None, {"messages": None}, {"messages": [{}]}, {"messages": [{"role": "user"}], "tools": "x"},
+    {"messages": [{"role": "user", "content": 5}]}, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1},
+    {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+    {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"function": {}}]}]},
+    {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f",
+                                                                                              "parameters": []}}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+])
+def test_malformed_requests_get_openai_errors(server, body):
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        r = httpx.post(server.url + path, json=body)
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["message"]
+    assert httpx.get(server.url + "/health").status_code == 200  # still alive

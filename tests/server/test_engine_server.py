@@ -126,3 +126,22 @@ def test_k25_serve_command(checkpoint):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_disconnect_frees_the_engine(served):
+    import httpx2 as httpx
+
+    srv, _, _, backend = served
+    free_before = backend.engine.blocks.num_free
+    body = {"messages": [{"role": "user", "content": "Write a very long essay."}], "max_tokens": 1500,
+            "stream": True, "ignore_eos": True, "temperature": 1.0}
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n > 6:
+                break
+    deadline = time.monotonic() + 30
+    while backend.engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not backend.engine.has_unfinished()
+    assert not backend.engine.sequences  # aborted requests are released, not kept
+    assert backend.engine.blocks.num_free == free_before

@@ -7,6 +7,7 @@ and parsed back with the kimi_k2 reasoning and tool-call parsers, token by token
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -232,11 +233,33 @@ class ServerState:
         self.created = int(time.time())
 
 
-def create_app(backend: Backend, *, strict_kimi_api: bool = False, model_name: str | None = None) -> FastAPI:
-    """The FastAPI app serving `backend`; `strict_kimi_api` reproduces the official platform's rules."""
+def create_app(
+    backend: Backend, *, strict_kimi_api: bool = False, model_name: str | None = None, api_key: str | None = None
+) -> FastAPI:
+    """The FastAPI app serving `backend`.
+
+    `strict_kimi_api` reproduces the official platform's rules; `api_key`, when set, is required as
+    `Authorization: Bearer KEY` on /v1 routes (401 otherwise; /health, /metrics and / stay open).
+    """
     state = ServerState(backend, strict_kimi_api, model_name or backend.model_name)
     app = FastAPI(title="k25", version="0.1.0")
     app.state.k25 = state
+
+    if api_key is not None:
+        @app.middleware("http")
+        async def _auth(request: Request, call_next):
+            if request.url.path.startswith("/v1/"):
+                sent = request.headers.get("authorization", "")
+                if not secrets.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
+                    err = APIError("invalid or missing API key: send 'Authorization: Bearer <key>'", status=401,
+                                   type="authentication_error", code="invalid_api_key")
+                    return JSONResponse(err.body(), status_code=401)
+            return await call_next(request)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        err = APIError(f"internal error: {type(exc).__name__}: {exc}", status=500, type="server_error")
+        return JSONResponse(err.body(), status_code=500)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

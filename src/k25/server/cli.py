@@ -3,7 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+
+def how_to_talk(name: str, url: str, api_key: str | None) -> str:
+    """The banner `k25 serve` prints: the three ways in (browser, curl, the openai client)."""
+    auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
+    key = api_key or "none"
+    return f"""k25: serving {name} on {url}
+  browser:  {url}/   (the playground)
+  curl:     curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\
+              -d '{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}]}}'
+  python:   from openai import OpenAI
+            client = OpenAI(base_url="{url}/v1", api_key="{key}")
+            client.chat.completions.create(model="{name}", messages=[{{"role": "user", "content": "Hello"}}])
+  Instant mode: add {{"thinking": {{"type": "disabled"}}}} to the request (extra_body= in the openai client)."""
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -24,9 +39,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        tokenizer=tokenizer)
     name = args.served_model_name or directory.name
     backend = EngineBackend(engine, tokenizer, name, max_waiting=args.max_waiting, max_model_len=args.max_model_len)
-    app = create_app(backend, strict_kimi_api=args.strict_kimi_api)
-    print(f"k25: serving {name} from {directory} on http://{args.host}:{args.port} "
-          f"(playground at /, API at /v1)", flush=True)
+    api_key = args.api_key or os.environ.get("K25_API_KEY")
+    app = create_app(backend, strict_kimi_api=args.strict_kimi_api, api_key=api_key)
+    print(how_to_talk(name, f"http://{args.host}:{args.port}", api_key), flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
@@ -47,5 +62,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-tokens", type=int, default=32768, help="latent KV cache size in tokens")
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests generated together")
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: the checkpoint's)")
+    p.add_argument("--api-key", default=None, help="require this bearer key on /v1 (or set K25_API_KEY)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
