@@ -91,7 +91,8 @@ def main() -> None:
     for name, r in (("1 client", single), (f"{args.clients} clients", many)):
         print(f"{name:>11}: {r['tokens']} tokens in {r['wall_s']:.2f} s = {r['tok_per_s']:.1f} tok/s, "
               f"TTFT p50 {r['ttft_p50'] * 1000:.0f} ms p95 {r['ttft_p95'] * 1000:.0f} ms, errors {r['errors']}")
-    print(f"aggregate throughput ratio ({args.clients} clients / 1 client): {many['tok_per_s'] / single['tok_per_s']:.1f}x")
+    ratio = many["tok_per_s"] / single["tok_per_s"]
+    print(f"aggregate throughput ratio ({args.clients} clients / 1 client): {ratio:.1f}x")
 
 
 if __name__ == "__main__":
