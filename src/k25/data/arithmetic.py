@@ -286,7 +286,7 @@ def _minutes(rng: random.Random, big: bool) -> Problem:
             f"{weeks} weeks: {week_total} * {weeks} = {total} minutes.",
         ],
         answer=str(total),
-        final=f"{who} practises {total} minutes in {weeks} weeks.",
+        final=f"In {weeks} weeks, {who} practises {total} minutes.",
         expression=f"{days} * {per_day} * {weeks}",
         kind="word:minutes",
     )

@@ -62,11 +62,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         for rec in read_jsonl(path):
             total += 1
             problems += check_record(rec)
-            key = (rec.get("meta") or {}).get("key") or (rec.get("meta") or {}).get("citation") or rec.get("text")
-            keys.setdefault((rec["family"], rec["split"]), set()).add(str(key))
+            keys.setdefault((rec["family"], rec["split"]), set()).add(str((rec.get("meta") or {}).get("key")))
     for fam in FAMILIES:
         train, held = keys.get((fam, "train"), set()), keys.get((fam, "heldout"), set())
-        if fam != "text" and train & held:  # text passages split by chapter; their key is the citation
+        if train & held:
             problems.append(f"{fam}: {len(train & held)} tasks in both splits, e.g. {sorted(train & held)[0]!r}")
     for p in problems[:50]:
         print(p)

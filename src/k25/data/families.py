@@ -7,11 +7,13 @@ and each sub-agent's own conversation. Every number, tool result and final answe
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..agents.swarm import ORCHESTRATOR_PROMPT, SUBAGENT_SUFFIX
@@ -42,11 +44,36 @@ TRANSIENT_ERRORS = {
 }
 
 
+HELDOUT_FRACTION = 0.1  # share of tasks (and of towns) held out
+MAX_TOWNS_PER_TASK = 5
+
+
 @dataclass
 class World:
-    """What samplers share: the corpus."""
+    """What samplers share: the corpus, its towns split into a train pool and a held-out pool.
+
+    A held-out town appears only in held-out records, so no fact a held-out question asks about
+    (directly, in an agent task or inside a swarm) is ever seen in training.
+    """
 
     corpus: Corpus
+    pools: dict[str, list[Town]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        towns = self.corpus.towns
+        if len(towns) < 3 * MAX_TOWNS_PER_TASK:
+            raise ValueError(f"the corpus needs at least {3 * MAX_TOWNS_PER_TASK} towns, got {len(towns)}")
+        ranked = sorted(towns, key=lambda t: hashlib.sha256(f"town:{t.name}".encode()).digest())
+        held = {t.name for t in ranked[: max(MAX_TOWNS_PER_TASK, math.ceil(len(towns) * HELDOUT_FRACTION))]}
+        self.pools = {
+            "train": [t for t in towns if t.name not in held],
+            "heldout": [t for t in towns if t.name in held],
+        }
+
+    def draw_towns(self, rng: random.Random, n: int) -> tuple[str, list[Town]]:
+        """A split (held-out with probability HELDOUT_FRACTION) and ``n`` distinct towns of its pool."""
+        split = "heldout" if rng.random() < HELDOUT_FRACTION else "train"
+        return split, rng.sample(self.pools[split], n)
 
 
 @dataclass
@@ -60,6 +87,7 @@ class Sample:
     key: str
     records: dict[str, list[dict[str, Any]]]
     uid: str = ""
+    split: str | None = None  # set when the task's towns decide it; else the key's hash does
 
     def __post_init__(self) -> None:
         self.uid = self.uid or self.key
@@ -187,7 +215,7 @@ def _python_task(rng: random.Random, world: World) -> tuple[str, str, str, str, 
             "        count += 1\nprint(count)"
         )
         return f"py:primes:{n}", f"How many prime numbers are smaller than {n}?", code, \
-            f"There are {{out}} prime numbers smaller than {n}.", "number"
+            f"Below {n} there are {{out}} prime numbers.", "number"
     if kind == "reverse":
         word = rng.choice(world.corpus.towns).name.lower()
         return f"py:reverse:{word}", f'What is the word "{word}" spelled backwards?', \
@@ -262,10 +290,11 @@ def sample_python(rng: random.Random, world: World) -> Sample:
 
 
 def _search(
-    chat: Chat, tools: Tools, rng: random.Random, town: Town, attribute: str, plan: str, transient: float
+    chat: Chat, tools: Tools, rng: random.Random, town: Town, attribute: str, plan: str, transient: float,
+    ks: tuple[int, ...] = (1, 2, 3, 3),
 ) -> str:
     """Search for one fact (retrying once after an injected outage); returns the quoted sentence."""
-    k = rng.choice((1, 2, 3, 3))
+    k = rng.choice(ks)
     args = {"query": f"{town.name} {ATTRIBUTES[attribute][1]}", "k": k}
     if rng.random() < transient:
         tools.fail_next = TRANSIENT_ERRORS["search"]
@@ -279,7 +308,7 @@ def _search(
 
 def sample_search(rng: random.Random, world: World) -> Sample:
     """A fact about a town, found with one search (sometimes after a misspelled or failed search)."""
-    town = rng.choice(world.corpus.towns)
+    split, (town,) = world.draw_towns(rng, 1)
     attribute = rng.choice(list(ATTRIBUTES))
     key = f"search:{town.name}:{attribute}"
     chat = Chat(tool_schemas("search"), rng.random() >= INSTANT_FRACTION)
@@ -301,23 +330,19 @@ def sample_search(rng: random.Random, world: World) -> Sample:
     value = town.fact(attribute)
     chat.answer(f'The document says: "{sentence}"', _FINAL_FACT[attribute].format(town=town.name, value=value))
     answer_type = "number" if attribute in ("founded", "population") else "text"
-    rec = record("tool_search", chat, value, answer_type, key, attribute=attribute, failure=failure)
-    return Sample(key, {"tool_search": [rec]}, uid=f"{key}:{question}")
+    rec = record("tool_search", chat, value, answer_type, key, towns=[town.name], attribute=attribute, failure=failure)
+    return Sample(key, {"tool_search": [rec]}, uid=f"{key}:{question}", split=split)
 
 
 # ---------------------------------------------------------------------------------------------
 # Multi-step agent tasks: several sequential tool calls.
 
 
-def _distinct_towns(rng: random.Random, world: World, n: int) -> list[Town]:
-    return rng.sample(world.corpus.towns, n)
-
-
 def sample_agent(rng: random.Random, world: World) -> Sample:
     """Search several facts one call at a time, then compute with the calculator or Python."""
     kind = rng.choice(("total_population", "years_between", "average_population", "age_in", "prime_population"))
     n = {"total_population": 2, "years_between": 2, "average_population": 3}.get(kind, 1)
-    towns = _distinct_towns(rng, world, n)
+    split, towns = world.draw_towns(rng, n)
     names = [t.name for t in towns]
     attribute = "founded" if kind in ("years_between", "age_in") else "population"
     year = rng.randint(2030, 2100) if kind == "age_in" else CURRENT_YEAR
@@ -354,7 +379,7 @@ def sample_agent(rng: random.Random, world: World) -> Sample:
         answer = {"True": "yes", "False": "no"}[out]
         final = f"Yes, {values[0]} is a prime number." if answer == "yes" else f"No, {values[0]} is not a prime number."
         rec = record("agent", chat, answer, "text", f"agent:{kind}:{names[0]}", kind=kind, towns=names)
-        return _finish(chat, rec, f"Python printed {out}.", final)
+        return _finish(chat, rec, f"Python printed {out}.", final, split)
     if kind == "total_population":
         expression = f"{values[0]} + {values[1]}"
     elif kind == "years_between":
@@ -371,17 +396,17 @@ def sample_agent(rng: random.Random, world: World) -> Sample:
     elif kind == "average_population":
         final = f"The average population is {result}."
     else:
-        final = f"{names[0]} will be {result} years old in {year}."
+        final = f"In {year}, {names[0]} will be {result} years old."
     key = f"agent:{kind}:{':'.join(sorted(names))}:{year if kind == 'age_in' else ''}"
     rec = record("agent", chat, result, "number", key, kind=kind, towns=names)
-    return _finish(chat, rec, f"The calculator returned {result}.", final)
+    return _finish(chat, rec, f"The calculator returned {result}.", final, split)
 
 
-def _finish(chat: Chat, rec: dict[str, Any], reasoning: str, final: str) -> Sample:
+def _finish(chat: Chat, rec: dict[str, Any], reasoning: str, final: str, split: str) -> Sample:
     chat.answer(reasoning, final)
     rec["meta"]["tool_calls"] = chat.tool_calls
     rec["meta"]["critical_steps"] = sum(1 for m in chat.messages if m["role"] == "assistant")
-    return Sample(rec["meta"]["key"], {"agent": [rec]})
+    return Sample(rec["meta"]["key"], {"agent": [rec]}, split=split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,20 +425,20 @@ def _subagent_run(world: World, rng: random.Random, name: str, system: str, prom
     chat = Chat(tool_schemas("search", "calculator"), True, system=system + SUBAGENT_SUFFIX)
     tools = Tools(world)
     chat.user(prompt)
-    _search(chat, tools, rng, town, "founded", f"I will search for {town.name}.", 0.0)
+    _search(chat, tools, rng, town, "founded", f"I will search for {town.name}.", 0.0, ks=(1, 2))
     expression = f"{CURRENT_YEAR} - {town.founded}"
     sentence = _fact_sentence(town, "founded")
     age = chat.call(f"{sentence} Now {expression}.", [("calculator", {"expression": expression})], tools)[0]
-    final = f"{town.name} was founded in {town.founded}, so it is {age} years old in {CURRENT_YEAR}."
+    final = f"{town.name} was founded in {town.founded}, so in {CURRENT_YEAR} it is {age} years old."
     chat.answer(f"The calculator returned {age}.", final)
     steps = sum(1 for m in chat.messages if m["role"] == "assistant")
-    rec = record("swarm_sub", chat, age, "number", "", agent=name, town=town.name)
+    rec = record("swarm_sub", chat, age, "number", "", towns=[town.name], agent=name)
     return rec, final, steps
 
 
 def sample_swarm(rng: random.Random, world: World) -> Sample:
-    """Ages of 3-6 towns, one sub-agent task each in parallel, then oldest / youngest / total."""
-    towns = _distinct_towns(rng, world, rng.randint(3, 6))
+    """Ages of 3-5 towns, one sub-agent task each in parallel, then oldest / youngest / total."""
+    split, towns = world.draw_towns(rng, rng.randint(3, MAX_TOWNS_PER_TASK))
     names = [t.name for t in towns]
     goal = rng.choice(("oldest", "youngest", "total"))
     ask = {
@@ -463,7 +488,7 @@ def sample_swarm(rng: random.Random, world: World) -> Sample:
         sum_text = " + ".join(str(ages[n]) for n in names)
         reasoning = f"Ages: {listing}. Total: {sum_text} = {total}."
         answer, answer_type = str(total), "number"
-        final = f"Their ages add up to {total} years ({listing})."
+        final = f"Ages: {listing}. Together they add up to {total} years."
     else:
         pick = (max if goal == "oldest" else min)(names, key=lambda n: (ages[n], n))
         reasoning = f"Ages: {listing}. The {'largest' if goal == 'oldest' else 'smallest'} is {pick} with {ages[pick]}."
@@ -477,7 +502,7 @@ def sample_swarm(rng: random.Random, world: World) -> Sample:
         "swarm", chat, answer, answer_type, key, goal=goal, towns=names, subagents=len(towns),
         critical_steps=critical, single_agent_steps=single,
     )
-    return Sample(key, {"swarm": [rec], "swarm_sub": subs})
+    return Sample(key, {"swarm": [rec], "swarm_sub": subs}, split=split)
 
 
 Sampler = Callable[[random.Random, World], Sample]

@@ -2,8 +2,10 @@
 
 The split of a task is a hash of its key alone (not of the seed or the family), so one question
 lands in the same split in every family and every run; held-out records can therefore never be
-trained on, in any mode. Each sampler gets its own ``random.Random`` seeded from the run seed
-and its name, so adding a family does not change the others' bytes.
+trained on, in any mode. Tasks about the generated towns are split by town instead: a fixed
+tenth of the towns is held out, and a held-out town appears in held-out records only.
+Each sampler gets its own ``random.Random`` seeded from the run seed and its name, so adding a
+family does not change the others' bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from .corpus import Corpus
 from .families import (
+    HELDOUT_FRACTION,
     Sampler,
     World,
     sample_agent,
@@ -32,8 +35,8 @@ from .text import sample_kjv, sample_simple_text
 from .tools import runtime_specs
 
 SPLITS = ("train", "heldout")
-HELDOUT_FRACTION = 0.1  # share of the key space reserved for held-out tasks
 DEFAULT_CORPUS_SIZE = 500
+STALE_DRAWS = 3000  # give up when this many draws in a row bring no new task
 
 # sampler name -> (sampler, families it emits; the first is the one counted).
 SOURCES: dict[str, tuple[Sampler, tuple[str, ...]]] = {
@@ -112,7 +115,10 @@ def generate(
     if n_heldout < 0:
         raise DataError(f"n_heldout must be >= 0, got {n_heldout}")
     wanted = list(FAMILIES if families is None else families)
-    world = World(Corpus.build(seed, corpus_size))
+    try:
+        world = World(Corpus.build(seed, corpus_size))
+    except ValueError as e:
+        raise DataError(f"--corpus-size {corpus_size}: {e}") from None
     cur = Curriculum(seed, world.corpus)
     targets = {"train": n_per_family, "heldout": n_heldout}
     for source in _sources_for(wanted):
@@ -121,20 +127,21 @@ def generate(
         out: dict[str, dict[str, list[dict[str, Any]]]] = {f: {s: [] for s in SPLITS} for f in fams}
         counts = dict.fromkeys(SPLITS, 0)
         seen: set[str] = set()
-        attempts, limit = 0, 100 * (n_per_family + n_heldout) + 10_000
+        attempts = last_new = 0
         while any(counts[s] < targets[s] for s in SPLITS):
             attempts += 1
-            if attempts > limit:
+            if attempts - last_new > STALE_DRAWS:
                 raise DataError(
-                    f"{source}: found only {counts} distinct tasks after {limit} draws for {targets}; "
-                    "ask for fewer records or a larger --corpus-size"
+                    f"{source}: found only {counts} distinct tasks for {targets} ({STALE_DRAWS} draws in a row "
+                    "gave nothing new); ask for fewer records or a larger --corpus-size"
                 )
             sample = sampler(rng, world)
-            split = split_of(sample.key)
+            split = sample.split or split_of(sample.key)
             if sample.uid in seen or counts[split] >= targets[split]:
                 continue
             seen.add(sample.uid)
             counts[split] += 1
+            last_new = attempts
             for fam, recs in sample.records.items():
                 for rec in recs:
                     rec["split"] = split

@@ -175,7 +175,7 @@ def record_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None) -> di
             stats[rec["mode"]] += 1
         meta = rec.get("meta") or {}
         stats["tool_calls"] += meta.get("tool_calls", 0)
-        stats["recoveries"] += bool(meta.get("failure"))
+        stats["recoveries"] += bool(meta.get("failed_turns"))
         segments = training_segments(rec)
         stats["chars"] += sum(len(t) for t, _ in segments)
         if tokenizer is not None:

