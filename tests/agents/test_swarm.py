@@ -11,7 +11,7 @@ import pytest
 
 from k25.agents import tool
 from k25.agents.scripted import call, calls, rate_limited, say
-from k25.agents.swarm import Scheduler, Swarm, SwarmConfig, critical_steps
+from k25.agents.swarm import Scheduler, Swarm, SwarmConfig, critical_steps, timeline
 
 
 def _results(messages, name):
@@ -155,7 +155,7 @@ def test_rate_limited_tasks_back_off_and_finish(serve):
         res = asyncio.run(swarm.run("t", on_event=events.append))
     assert res.answer == "done a | done b | done c"
     assert sum(1 for e in events if e["type"] == "task_requeued") == 3
-    assert all(t["status"] == "answer" for t in res.tasks)
+    assert all(t["status"] == "done" for t in res.tasks)
 
 
 def test_scheduler_ramp_and_capacity():
@@ -267,3 +267,6 @@ def test_a_killed_swarm_resumes_without_redoing_finished_work(serve, tmp_path):
     assert sorted(record) == [("a", 0), ("b", 0), ("b", 1), ("b", 2), ("c", 0), ("c", 1)]
     assert res.critical_steps == 3 + 4 and res.total_steps == 3 + 2 + 4 + 3
     assert (run_dir / "orchestrator.jsonl").exists() and len(list((run_dir / "tasks").glob("*.jsonl"))) == 3
+    bars = timeline(run_dir)
+    assert [b["status"] for b in bars] == ["done"] * 3 and {b["stage"] for b in bars} == {2}
+    assert all(0 <= b["start"] <= b["end"] for b in bars) and sorted(b["steps"] for b in bars) == [2, 3, 4]

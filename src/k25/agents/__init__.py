@@ -6,12 +6,17 @@ Quick use::
     agent = Agent(ChatModel(base_url="http://127.0.0.1:8000/v1", model="kimi-k2.5"),
                   default_tools(workspace="work", docs="corpus"))
     result = asyncio.run(agent.run("Summarise the corpus into work/summary.md", trace="run.jsonl"))
+
+``Swarm`` runs the same tools under an orchestrator (``create_subagent``/``assign_task``);
+``k25.agents.bench`` is the offline WideSearch-style benchmark; ``k25.agents.scripted`` a scripted
+OpenAI-compatible server for tests. See docs/agents.md.
 """
 
 from .agent import Agent, AgentConfig, AgentResult, ToolBudget
 from .builtin import DocumentSearch, Workspace, code_interpreter, default_tools
 from .model import ChatModel, ModelError, ModelReply, Pricing, RateLimited, Usage
 from .sandbox import Limits, RunResult, Sandbox, available_isolation
+from .swarm import Swarm, SwarmConfig, SwarmResult, critical_steps, timeline
 from .tools import Tool, ToolContext, ToolError, ToolResult, Toolset, tool
 from .trace import Trace, TraceError, read_events, replay
 
@@ -28,6 +33,9 @@ __all__ = [
     "RateLimited",
     "RunResult",
     "Sandbox",
+    "Swarm",
+    "SwarmConfig",
+    "SwarmResult",
     "Tool",
     "ToolBudget",
     "ToolContext",
@@ -40,8 +48,10 @@ __all__ = [
     "Workspace",
     "available_isolation",
     "code_interpreter",
+    "critical_steps",
     "default_tools",
     "read_events",
     "replay",
+    "timeline",
     "tool",
 ]

@@ -369,8 +369,9 @@ class _SwarmRun:
             tool_calls += state.tool_calls
             stage_steps.setdefault(e["stage"], []).append(state.steps)
             final = state.final or {}
+            status = final.get("stop_reason", "unfinished")
             tasks.append({"task_id": task_id, "agent": e["agent"], "stage": e["stage"], "steps": state.steps,
-                          "tool_calls": state.tool_calls, "status": final.get("stop_reason", "unfinished"),
+                          "tool_calls": state.tool_calls, "status": "done" if status == "answer" else status,
                           "answer": final.get("answer")})
         return SwarmResult(
             answer=res.answer, stop_reason=res.stop_reason,
@@ -380,3 +381,20 @@ class _SwarmRun:
             cost=self.cfg.pricing.cost(usage), wall_seconds=wall, run_dir=str(self.dir),
             peak_concurrency=self.scheduler.peak,
         )
+
+
+def timeline(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Each sub-agent task of a swarm run as a bar: start/end (seconds from the run's first
+    event), stage, status and steps, in start order. This is what a UI draws as the timeline."""
+    root = Path(run_dir)
+    events = read_events(root / "tasks.jsonl")
+    orch = read_events(root / "orchestrator.jsonl")
+    t0 = min([e["t"] for e in orch[:1]] + [e["t"] for e in events[:1]], default=0.0)
+    bars: dict[str, dict[str, Any]] = {}
+    for e in events:
+        if e.get("type") == "task_start" and e["task_id"] not in bars:
+            bars[e["task_id"]] = {"task_id": e["task_id"], "agent": e["agent"], "stage": e["stage"],
+                                  "start": round(e["t"] - t0, 3), "end": None, "status": "running", "steps": 0}
+        elif e.get("type") == "task_end" and e["task_id"] in bars:
+            bars[e["task_id"]].update(end=round(e["t"] - t0, 3), status=e["status"], steps=e["steps"])
+    return sorted(bars.values(), key=lambda b: b["start"])
