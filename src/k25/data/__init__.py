@@ -21,6 +21,7 @@ from .generate import (
 )
 from .records import (
     check_record,
+    plain_text,
     prompt_messages,
     read_jsonl,
     record_stats,
@@ -57,6 +58,7 @@ __all__ = [
     "check_record",
     "check_tool_call",
     "generate",
+    "plain_text",
     "prompt_messages",
     "read_jsonl",
     "record_stats",

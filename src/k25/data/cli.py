@@ -1,4 +1,4 @@
-"""``k25 data``: generate the curriculum, check a generated directory, show a record rendered.
+"""``k25 data``: generate the curriculum, check it, export its text for a vocabulary, show a record.
 
 The main CLI calls :func:`register`; bad input prints ``k25: error: ...`` (status 2).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .generate import FAMILIES, FAMILY_DESCRIPTIONS, DataError, generate, write
-from .records import check_record, read_jsonl, training_segments
+from .records import check_record, plain_text, read_jsonl, training_segments
 from .text import TextSourceError
 
 
@@ -91,6 +91,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     raise DataError(f"{path}: no record at index {args.index}")
 
 
+def cmd_text(args: argparse.Namespace) -> int:
+    """Write the training text of a split, special tokens removed: the corpus for ``k25 vocab train``."""
+    n = 0
+    with open(args.out, "w", encoding="utf-8") as f:
+        for path in _files(Path(args.dir)):
+            if path.stem != args.split:
+                continue
+            for rec in read_jsonl(path):
+                f.write(plain_text(rec) + "\n\n")
+                n += 1
+    print(f"wrote {n} records to {args.out}")
+    return 0
+
+
 def _guard(fn: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -103,7 +117,7 @@ def _guard(fn: Any) -> Any:
 
 
 def register(subparsers: Any) -> None:
-    """Add ``k25 data generate|check|show``."""
+    """Add ``k25 data generate|check|text|show``."""
     data = subparsers.add_parser("data", help="the synthetic training curriculum (generate, check, show)")
     sub = data.add_subparsers(dest="data_command", required=True)
 
@@ -126,6 +140,12 @@ def register(subparsers: Any) -> None:
     p = sub.add_parser("check", help="validate a generated directory (parsers, schemas, split disjointness)")
     p.add_argument("dir")
     p.set_defaults(func=_guard(cmd_check))
+
+    p = sub.add_parser("text", help="write a split's text without special tokens (a corpus for k25 vocab train)")
+    p.add_argument("dir")
+    p.add_argument("--out", required=True, help="output text file")
+    p.add_argument("--split", choices=("train", "heldout"), default="train")
+    p.set_defaults(func=_guard(cmd_text))
 
     p = sub.add_parser("show", help="print one record as its training text")
     p.add_argument("file", help="a FAMILY/SPLIT.jsonl file")

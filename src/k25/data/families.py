@@ -255,11 +255,11 @@ def _broken_code(rng: random.Random, code: str) -> tuple[str, str, str]:
     if rng.random() < 0.5 and "print(" in code:
         bare = re.sub(r"print\((.*)\)$", r"\1", code.rstrip())
         return bare, "The code printed nothing; I need to print the result.", "missing_print"
-    names = re.findall(r"\b(total|count|a)\b", code)
-    if names:
-        name = names[-1]
-        head, _, tail = code.rpartition(name)
-        return head + name + "x" + tail, f"I misspelled the variable {name}.", "typo"
+    printed = re.search(r"print\(([a-z_]+)\)", code)
+    if printed:  # misspell the printed variable
+        name = printed.group(1)
+        bad = code[: printed.start(1)] + name + "x" + code[printed.end(1) :]
+        return bad, f"I misspelled the variable {name}.", "typo"
     return code.replace("print(", "prnt(", 1), "I misspelled print.", "typo"
 
 
@@ -361,12 +361,14 @@ def sample_agent(rng: random.Random, world: World) -> Sample:
     chat.user(question)
     values = []
     for i, town in enumerate(towns):
-        plan = (
-            f"I need the {ATTRIBUTES[attribute][1]} of {', '.join(names)}; I will look them up one at a time, "
-            f"starting with {town.name}."
-            if i == 0
-            else f"Found: {_fact_sentence(towns[i - 1], attribute)} Next, {town.name}."
-        )
+        what = "founding year" if attribute == "founded" else attribute
+        if i > 0:
+            plan = f"Found: {_fact_sentence(towns[i - 1], attribute)} Next, {town.name}."
+        elif len(towns) == 1:
+            plan = f"I need the {what} of {town.name}; I will search the documents for it."
+        else:
+            plan = f"I need the {what} of {', '.join(names)}; I will look them up one at a time, starting with "
+            plan += f"{town.name}."
         _search(chat, tools, rng, town, attribute, plan, TRANSIENT_FAILURE)
         values.append(int(town.fact(attribute)))
     facts = " ".join(_fact_sentence(t, attribute) for t in towns)

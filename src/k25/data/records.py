@@ -66,6 +66,17 @@ def training_text(record: dict[str, Any]) -> str:
     return "".join(text for text, _ in training_segments(record))
 
 
+_SPECIAL = re.compile(r"<\|[a-z_0-9]+\|>|</?think>")
+
+
+def plain_text(record: dict[str, Any]) -> str:
+    """The training text with every special token replaced by a newline (a corpus for ``k25 vocab train``).
+
+    The special tokens are single ids in the Kimi tokenizer, so the BPE must not spend merges on them.
+    """
+    return _SPECIAL.sub("\n", training_text(record)).strip("\n")
+
+
 def prompt_messages(record: dict[str, Any]) -> list[dict[str, Any]]:
     """What an evaluation sends the model: the messages before the first assistant turn."""
     msgs = record["messages"]
