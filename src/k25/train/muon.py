@@ -222,7 +222,8 @@ class MuonClip(torch.optim.Optimizer):
         return loss
 
     def _muon_group(self, group: dict[str, Any]) -> tuple[float, int]:
-        """Update one Muon group; returns (Σ update², numel) of the orthogonalised updates for logging."""
+        """Update one Muon group; returns (Σ u², numel) of the scaled updates ``u = 0.2·sqrt(max(n,m))·NS``,
+        whose RMS should read about 0.2 (AdamW's), the Moonlight check."""
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
         sq_sum, count = 0.0, 0
         for p in group["params"]:
@@ -237,10 +238,11 @@ class MuonClip(torch.optim.Optimizer):
             buf.lerp_(p.grad, 1 - mu)
             update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
             ortho = newton_schulz(update, group["ns_steps"], dtype=self.ns_dtype)
-            sq_sum += float(ortho.float().pow(2).sum())
+            scale = muon_lr_scale(p.shape)
+            sq_sum += float(ortho.float().pow(2).sum()) * scale**2
             count += ortho.numel()
             p.mul_(1 - lr * wd)
-            p.add_(ortho.to(p.dtype), alpha=-lr * muon_lr_scale(p.shape))
+            p.add_(ortho.to(p.dtype), alpha=-lr * scale)
         return sq_sum, count
 
     def _adamw_group(self, group: dict[str, Any]) -> None:

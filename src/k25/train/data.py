@@ -1,0 +1,231 @@
+"""Training data: packed pretraining sequences and chat SFT examples with assistant-only loss.
+
+Every batch is a pure function of (seed, global sample index), so a resumed run and a run split
+over ranks see exactly the samples an uninterrupted single-process run sees, with no iterator
+state to save. A sample is ``(input_ids [T], targets [T], loss_mask [T])``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..chat.template import last_final_answer_index, render, render_assistant_output
+from ..chat.tokenizer import VOCAB_FILE, KimiTokenizer, write_tiktoken_ranks
+
+
+class DataError(ValueError):
+    """A training data file is missing, empty or malformed; the message names the file and line."""
+
+
+def byte_tokenizer(directory: str | Path) -> KimiTokenizer:
+    """A byte-level Kimi tokenizer: 256 byte tokens + the 256 reserved Kimi specials (vocab 512).
+
+    It has the full chat layout (``<|im_assistant|>``, ``<think>``, ...) so the K2.5 template
+    works, and fits the ``tiny`` preset's vocabulary; written to ``directory`` so checkpoints ship it.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_tiktoken_ranks({bytes([b]): b for b in range(256)}, directory / VOCAB_FILE)
+    return KimiTokenizer(directory / VOCAB_FILE)
+
+
+def load_tokenizer(spec: str, workdir: str | Path) -> KimiTokenizer:
+    """``bytes`` → :func:`byte_tokenizer` in ``workdir``; otherwise a directory with ``tiktoken.model``."""
+    if spec == "bytes":
+        return byte_tokenizer(Path(workdir) / "byte-tokenizer")
+    return KimiTokenizer.from_pretrained(spec)
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+
+
+def read_documents(paths: Sequence[str | Path]) -> list[str]:
+    """Text documents: a ``.txt`` file is one document; a ``.jsonl`` file has one ``{"text": ...}`` per line."""
+    docs: list[str] = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise DataError(f"{p}: no such data file")
+        if p.suffix == ".jsonl":
+            for n, obj in _read_jsonl(p):
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise DataError(f"{p}:{n}: expected an object with a string 'text' field")
+                docs.append(obj["text"])
+        else:
+            docs.append(p.read_text(encoding="utf-8", errors="replace"))
+    return docs
+
+
+def tokenize_documents(docs: Iterable[str], tokenizer: KimiTokenizer) -> np.ndarray:
+    """One token stream: each document's ids followed by EOS (the document boundary)."""
+    stream: list[int] = []
+    for d in docs:
+        stream.extend(tokenizer.encode(d, allow_special_tokens=False))
+        stream.append(tokenizer.eos_id)
+    return np.asarray(stream, dtype=np.int64)
+
+
+def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+class Dataset:
+    """Indexable samples with a seeded per-epoch shuffle: ``sample(k)`` for global index k."""
+
+    seq_len: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def sample(self, k: int, seed: int, shuffle: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = len(self)
+        epoch, pos = divmod(k, n)
+        return self.item(int(_permutation(n, seed, epoch)[pos]) if shuffle else pos)
+
+    def batch(self, indices: Sequence[int], seed: int, shuffle: bool = True) -> tuple[torch.Tensor, ...]:
+        """Stacked ``(input_ids [B, T], targets [B, T], loss_mask [B, T])``."""
+        parts = [self.sample(k, seed, shuffle) for k in indices]
+        return tuple(torch.stack(x) for x in zip(*parts, strict=True))
+
+
+class PackedDataset(Dataset):
+    """Non-overlapping windows of ``seq_len + 1`` tokens over one stream (documents split by EOS)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+        if seq_len < 1:
+            raise DataError(f"seq_len must be positive, got {seq_len}")
+        self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        self.seq_len = seq_len
+        self.n = (len(self.tokens) - 1) // seq_len
+        if self.n < 1:
+            raise DataError(f"{len(self.tokens)} tokens: too few for one sequence of {seq_len} (+1) tokens")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        window = self.tokens[i * self.seq_len : (i + 1) * self.seq_len + 1]
+        return window[:-1], window[1:], torch.ones(self.seq_len, dtype=torch.bool)
+
+    def split(self, eval_fraction: float) -> tuple[PackedDataset, PackedDataset]:
+        """(train, held-out): the last ``eval_fraction`` of the stream is held out, never trained on."""
+        if not 0 < eval_fraction < 1:
+            raise DataError(f"eval fraction must be in (0, 1), got {eval_fraction}")
+        cut = int(len(self.tokens) * (1 - eval_fraction))
+        return PackedDataset(self.tokens[:cut].numpy(), self.seq_len), PackedDataset(self.tokens[cut:].numpy(),
+                                                                                     self.seq_len)
+
+
+def assistant_spans(ids: Sequence[int], tokenizer: KimiTokenizer) -> list[tuple[int, int]]:
+    """[start, end) of each assistant turn's body: after ``<|im_middle|>``, through its ``<|im_end|>``."""
+    start = tokenizer.token_to_id("<|im_assistant|>")
+    middle = tokenizer.token_to_id("<|im_middle|>")
+    end = tokenizer.im_end_id
+    spans, i = [], 0
+    while i < len(ids):
+        if ids[i] == start:
+            j = i + 1
+            while j < len(ids) and ids[j] != middle:
+                j += 1
+            k = j + 1
+            while k < len(ids) and ids[k] != end:
+                k += 1
+            spans.append((j + 1, min(k + 1, len(ids))))
+            i = k
+        i += 1
+    return spans
+
+
+@dataclass
+class ChatExample:
+    ids: list[int]
+    mask: list[bool]
+
+
+def encode_conversation(conv: Mapping[str, Any], tokenizer: KimiTokenizer, thinking: bool = True) -> ChatExample:
+    """Tokens of a conversation and the mask of what the model generated, as at inference.
+
+    The conversation is cut after its last assistant message. That message is the target
+    (``render_assistant_output`` + ``<|im_end|>`` after the generation prompt, reasoning included in
+    thinking mode). Earlier assistant turns of the current tool-use chain are rendered with their
+    reasoning by the template and are trained too (minus the ``<think>`` the prompt supplies);
+    history turns, rendered with an empty ``<think></think>``, are context only.
+    """
+    messages = list(conv["messages"])
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1)
+    if last < 0:
+        raise ValueError("the conversation has no assistant turn to learn from")
+    history = messages[:last]
+    prompt = tokenizer.encode(render(history, conv.get("tools"), thinking=thinking, add_generation_prompt=True))
+    target = tokenizer.encode(render_assistant_output(messages[last], thinking=thinking) + "<|im_end|>")
+    mask = [False] * len(prompt)
+    if thinking:
+        split = last_final_answer_index(history)
+        turns = [i for i, m in enumerate(history) if m.get("role") == "assistant"]
+        think = tokenizer.token_to_id("<think>")
+        for msg_index, (a, b) in zip(turns, assistant_spans(prompt, tokenizer), strict=False):
+            if msg_index > split:
+                a += 1 if a < b and prompt[a] == think else 0
+                mask[a:b] = [True] * (b - a)
+    return ChatExample(prompt + target, mask + [True] * len(target))
+
+
+class SFTDataset(Dataset):
+    """Chat conversations, one per sample: truncated/right-padded to ``seq_len``; loss on assistant tokens."""
+
+    def __init__(self, examples: list[ChatExample], seq_len: int, pad_id: int) -> None:
+        if not examples:
+            raise DataError("no SFT conversations")
+        self.examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
+
+    @classmethod
+    def from_jsonl(cls, paths: Sequence[str | Path], tokenizer: KimiTokenizer, seq_len: int,
+                   thinking: bool = True) -> SFTDataset:
+        examples = []
+        for p in map(Path, paths):
+            if not p.is_file():
+                raise DataError(f"{p}: no such data file")
+            for n, obj in _read_jsonl(p):
+                if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+                    raise DataError(f"{p}:{n}: expected an object with a 'messages' list")
+                try:
+                    ex = encode_conversation(obj, tokenizer, thinking)
+                except (ValueError, KeyError, TypeError) as e:
+                    raise DataError(f"{p}:{n}: {e}") from None
+                examples.append(ex)
+        return cls(examples, seq_len, tokenizer.pad_id)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ex = self.examples[i]
+        ids = ex.ids[: self.seq_len + 1]
+        mask = ex.mask[: self.seq_len + 1]
+        pad = self.seq_len + 1 - len(ids)
+        ids = torch.tensor(ids + [self.pad_id] * pad)
+        target_mask = torch.tensor(mask[1:] + [False] * pad)  # the loss of predicting token j+1 from j
+        return ids[:-1], ids[1:], target_mask
+
+    def split(self, eval_fraction: float) -> tuple[SFTDataset, SFTDataset]:
+        n_eval = max(1, int(len(self.examples) * eval_fraction))
+        if n_eval >= len(self.examples):
+            raise DataError(f"{len(self.examples)} conversations: too few to hold out {eval_fraction:.0%}")
+        return (SFTDataset(self.examples[:-n_eval], self.seq_len, self.pad_id),
+                SFTDataset(self.examples[-n_eval:], self.seq_len, self.pad_id))

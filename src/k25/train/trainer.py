@@ -1,0 +1,440 @@
+"""The pretraining / SFT loop: read top to bottom in one sitting (nanoGPT style).
+
+One optimizer step = ``grad_accum`` micro-batches on each of ``world`` ranks. The loss is the sum
+of token losses over the whole global batch divided by its number of target tokens, so the
+gradient (summed over micro-batches and all-reduced over ranks) is the same whatever the split.
+After ``optimizer.step()`` (Muon/AdamW + QK-Clip) the MoE correction biases move towards balance.
+
+Checkpoints (``out/checkpoints/step-N``) are complete k25 checkpoint directories (config.json,
+safetensors under the official names, tokenizer, chat template) plus ``optimizer.pt`` and
+``trainer_state.json``; each is written under a temporary name and renamed into place, and
+``checkpoints/latest`` is replaced atomically, so a run killed at any moment resumes from the last
+complete checkpoint. Data order is a pure function of (seed, sample index) and the lr a pure
+function of the step, so the resumed run reproduces the uninterrupted run's losses exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..chat.template import write_chat_template
+from ..chat.tokenizer import KimiTokenizer
+from ..checkpoint import build_model, load_model, save_model
+from ..checkpoint.model_io import text_model
+from ..config import K25Config, preset
+from .balance import ExpertLoad, sequence_aux_loss
+from .data import Dataset, PackedDataset, SFTDataset, load_tokenizer, read_documents, tokenize_documents
+from .muon import MuonClip, attention_layers, build_optimizer
+from .schedule import lr_factor
+
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class TrainError(ValueError):
+    """A training option or resume state is inconsistent; the message names it."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as ``out/train_config.json`` and checked on resume."""
+
+    out: str
+    data: list[str]
+    task: str = "pretrain"  # pretrain | sft
+    model: str = "tiny"  # preset name or checkpoint directory
+    overrides: dict[str, Any] = field(default_factory=dict)  # text_config fields for a preset
+    tokenizer: str | None = None  # "bytes" or a directory; default: the model dir's, else bytes
+    seq_len: int = 128
+    batch_size: int = 8  # sequences per micro-batch per rank
+    grad_accum: int = 1
+    steps: int = 100
+    optimizer: str = "muonclip"  # muonclip | adamw
+    ns_dtype: str = "bfloat16"  # Newton–Schulz precision: bfloat16 (as the references) | float32
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | wsd | constant
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    grad_clip: float = 1.0  # 0 disables
+    qk_clip_tau: float | None = 100.0  # None disables clipping (max logits are still logged)
+    bias_update_rate: float = 1e-3
+    seq_aux_alpha: float = 0.0
+    amp: str = "none"  # none | bf16 (CPU autocast)
+    eval_data: list[str] = field(default_factory=list)
+    eval_fraction: float = 0.05
+    eval_every: int = 50
+    eval_batches: int = 4
+    save_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    seed: int = 0
+    thinking: bool = True
+    progress: bool = True
+    stop_after: int | None = None  # stop after this step without a final save (simulates a kill)
+
+    # fields that may differ between a run and its resumption
+    RESUMABLE = ("progress", "stop_after", "eval_every", "save_every", "keep_checkpoints")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group (gloo on CPU) when launched with WORLD_SIZE > 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    return _world()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in path.iterdir():
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+class Trainer:
+    """Builds model, tokenizer, data and optimizer from a :class:`TrainConfig`, then :meth:`run`."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        if cfg.task not in ("pretrain", "sft"):
+            raise TrainError(f"task {cfg.task!r}: expected 'pretrain' or 'sft'")
+        if cfg.ns_dtype not in NS_DTYPES:
+            raise TrainError(f"ns_dtype {cfg.ns_dtype!r}: expected one of {', '.join(NS_DTYPES)}")
+        if cfg.amp not in ("none", "bf16"):
+            raise TrainError(f"amp {cfg.amp!r}: expected 'none' or 'bf16'")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            if getattr(cfg, name) < 1:
+                raise TrainError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+        self.cfg = cfg
+        self.rank, self.world = _world()
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.rank == 0:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self._barrier()
+        self.model, self.config = self._build_model()
+        self.tokenizer = self._build_tokenizer()
+        self.train_set, self.eval_set = self._build_data()
+        self.optimizer: MuonClip = build_optimizer(
+            self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, qk_clip_tau=cfg.qk_clip_tau,
+            ns_dtype=NS_DTYPES[cfg.ns_dtype],
+        )
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        self.load = ExpertLoad(self.model)
+        self.step = 0
+        self.tokens_seen = 0
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def _build_model(self) -> tuple[nn.Module, K25Config]:
+        cfg = self.cfg
+        if Path(cfg.model).is_dir():
+            if cfg.overrides:
+                raise TrainError("--override applies to presets; a checkpoint's architecture is fixed")
+            model = text_model(load_model(cfg.model, dtype=torch.float32, vision=False))
+            config = model.k25_config if hasattr(model, "k25_config") else K25Config.from_json_file(cfg.model)
+        else:
+            config = preset(cfg.model)
+            if cfg.overrides:
+                config = config.replace_text(**cfg.overrides)
+            model = None
+        config.vision_config = None  # the text model is trained; checkpoints carry no vision tower
+        config.quantization_config = None
+        config.text_config.dtype = config.dtype = "float32"
+        if model is None:
+            model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=False)
+        return model.train(), config
+
+    def _build_tokenizer(self) -> KimiTokenizer:
+        spec = self.cfg.tokenizer
+        if spec is None:
+            spec = self.cfg.model if (Path(self.cfg.model) / "tiktoken.model").is_file() else "bytes"
+        tok = load_tokenizer(spec, self.out if self.rank == 0 else self.out / f"rank{self.rank}")
+        vocab = self.config.text_config.vocab_size
+        if tok.vocab_size > vocab:
+            raise TrainError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {vocab}")
+        for t in (self.config.text_config, self.config):  # generation stops at <|im_end|>, as the release
+            t.bos_token_id, t.eos_token_id, t.pad_token_id = tok.bos_id, tok.im_end_id, tok.pad_id
+        return tok
+
+    def _build_data(self) -> tuple[Dataset, Dataset]:
+        cfg = self.cfg
+        if cfg.task == "pretrain":
+            data = PackedDataset(tokenize_documents(read_documents(cfg.data), self.tokenizer), cfg.seq_len)
+            if cfg.eval_data:
+                held = PackedDataset(tokenize_documents(read_documents(cfg.eval_data), self.tokenizer), cfg.seq_len)
+                return data, held
+            return data.split(cfg.eval_fraction)
+        data = SFTDataset.from_jsonl(cfg.data, self.tokenizer, cfg.seq_len, cfg.thinking)
+        if cfg.eval_data:
+            return data, SFTDataset.from_jsonl(cfg.eval_data, self.tokenizer, cfg.seq_len, cfg.thinking)
+        return data.split(cfg.eval_fraction)
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.amp == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, ...]]:
+        """This rank's micro-batches of ``step``: global micro-batch j = a·world + rank."""
+        cfg = self.cfg
+        b, per_step = cfg.batch_size, cfg.batch_size * cfg.grad_accum * self.world
+        out = []
+        for a in range(cfg.grad_accum):
+            j = a * self.world + self.rank
+            start = step * per_step + j * b
+            out.append(self.train_set.batch(range(start, start + b), cfg.seed))
+        return out
+
+    def train_step(self) -> dict[str, Any]:
+        """Forward/backward over the step's micro-batches, clip, optimizer step, bias update."""
+        cfg, model, opt = self.cfg, self.model, self.optimizer
+        factor = lr_factor(self.step, cfg.steps, cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction)
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        batches = self.micro_batches(self.step)
+        n_tokens = torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)))
+        if self.world > 1:
+            dist.all_reduce(n_tokens)
+        if n_tokens == 0:
+            raise TrainError(f"step {self.step}: no target tokens in the global batch (all masked)")
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        aux_sum = torch.zeros((), dtype=torch.float64)
+        opt.zero_grad(set_to_none=True)
+        for ids, targets, mask in batches:
+            with self._autocast():
+                logits = model(ids)
+            token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+            loss = (token_loss * mask.flatten()).sum() / n_tokens
+            if cfg.seq_aux_alpha > 0:
+                aux = sequence_aux_loss(model, ids.shape[0], cfg.seq_aux_alpha) / (cfg.grad_accum * self.world)
+                aux_sum += aux.detach().double()
+                loss = loss + aux
+            self.load.collect()
+            loss.backward()
+            loss_sum += (token_loss.detach() * mask.flatten()).sum().double()
+        if self.world > 1:
+            self._all_reduce_grads()
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(aux_sum)
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"step {self.step}: gradient norm is {float(grad_norm)}")
+        opt.step()
+        imbalance = self.load.update_bias(cfg.bias_update_rate)
+        self.step += 1
+        self.tokens_seen += int(n_tokens)
+        clip = opt.last_clip
+        return {
+            "step": self.step, "loss": float(loss_sum / n_tokens), "lr": opt.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm), "max_logit": clip.max_logit, "clipped_heads": clip.num_clipped,
+            "update_rms": opt.last_update_rms, "load_max_over_mean": imbalance, "aux_loss": float(aux_sum),
+            "tokens": self.tokens_seen,
+        }
+
+    def _all_reduce_grads(self) -> None:
+        """Sum gradients over ranks in one flat buffer (data parallel: replicas stay identical)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss on the first ``eval_batches`` held-out batches (same every time)."""
+        cfg, model = self.cfg, self.model
+        layers = attention_layers(model)
+        recording = [a.record_max_logits for a in layers]
+        for a in layers:
+            a.record_max_logits = False
+        model.eval()
+        total, count = 0.0, 0
+        try:
+            n = min(len(self.eval_set), cfg.eval_batches * cfg.batch_size)
+            for start in range(0, n, cfg.batch_size):
+                ids, targets, mask = self.eval_set.batch(range(start, min(n, start + cfg.batch_size)), 0, shuffle=False)
+                with self._autocast():
+                    logits = model(ids)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+                total += float((loss * mask.flatten()).sum())
+                count += int(mask.sum())
+        finally:
+            model.train()
+            for a, r in zip(layers, recording, strict=True):
+                a.record_max_logits = r
+        return total / max(1, count)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.ckpt_dir / f"step-{step:08d}"
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N`` atomically (rank 0), then point ``latest`` at it."""
+        final = self.checkpoint_path(self.step)
+        if self.rank == 0:
+            tmp = final.with_name(final.name + ".tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            save_model(self.model, self.config, tmp)
+            self.tokenizer.save_pretrained(tmp)
+            write_chat_template(tmp)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
+                     "train_config": self.cfg.to_json()}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            _fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write(self.ckpt_dir / "latest", final.name)
+            self._prune()
+        self._barrier()
+        return final
+
+    def _prune(self) -> None:
+        keep = max(1, self.cfg.keep_checkpoints)
+        done = sorted(p for p in self.ckpt_dir.glob("step-*") if not p.name.endswith(".tmp"))
+        for p in done[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.ckpt_dir / "latest"
+        if not pointer.is_file():
+            return None
+        path = self.ckpt_dir / pointer.read_text().strip()
+        if not (path / "trainer_state.json").is_file():
+            raise TrainError(f"{pointer} names {path.name}, which is missing or incomplete")
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Restore weights, router biases, optimizer state and counters from a checkpoint."""
+        state = json.loads((path / "trainer_state.json").read_text())
+        saved = state["train_config"]
+        mine = self.cfg.to_json()
+        diff = [k for k in mine if k not in TrainConfig.RESUMABLE and saved.get(k) != mine[k]]
+        if diff:
+            details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in diff)
+            raise TrainError(f"cannot resume from {path}: the run's settings changed ({details})")
+        if state["world_size"] != self.world:
+            raise TrainError(f"cannot resume from {path}: written with {state['world_size']} ranks, now {self.world}")
+        loaded = text_model(load_model(path, dtype=torch.float32, vision=False))
+        self.model.load_state_dict(loaded.state_dict())
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """Drop records past the resumed step (written before the kill), so the file reads as one run."""
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+        _atomic_write(path, "".join(ln + "\n" for ln in kept))
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``steps`` (resuming from ``checkpoints/latest`` if present); returns the summary."""
+        cfg = self.cfg
+        latest = self.latest_checkpoint()
+        if latest is not None:
+            self.resume(latest)
+        elif self.rank == 0 and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        self._truncate_metrics()
+        if self.rank == 0:
+            _atomic_write(self.out / "train_config.json", json.dumps(cfg.to_json(), indent=2))
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.task} {cfg.optimizer}", unit="step")
+        last: dict[str, Any] = {}
+        while self.step < cfg.steps:
+            t0, tokens0 = time.perf_counter(), self.tokens_seen
+            record = self.train_step()
+            record["tokens_per_s"] = (self.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
+            if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                record["eval_loss"] = self.evaluate()
+            self._log(record)
+            last = record
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                max_logit=f"{record['max_logit']:.1f}")
+            if cfg.stop_after is not None and self.step >= cfg.stop_after:
+                break
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        path = None
+        if self.step >= cfg.steps:
+            path = self.save_checkpoint() if self.latest_step() != self.step else self.checkpoint_path(self.step)
+        return {"step": self.step, "checkpoint": str(path) if path else None, **{k: last.get(k) for k in
+                ("loss", "eval_loss", "max_logit", "tokens")}}
+
+    def latest_step(self) -> int | None:
+        latest = self.latest_checkpoint()
+        return None if latest is None else json.loads((latest / "trainer_state.json").read_text())["step"]
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) a training run; under torchrun every rank calls this."""
+    init_distributed()
+    return Trainer(cfg).run()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl`` (a run directory or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise TrainError(f"{path}: no metrics file")
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
