@@ -221,6 +221,9 @@ def test_cli_generate_check_show(tmp_path, capsys):
     assert len(list(read_jsonl(out / "agent" / "heldout.jsonl"))) == 1
     assert main(["data", "check", str(out)]) == 0
     assert "0 problems" in capsys.readouterr().out
+    assert main(["data", "text", str(out), "--out", str(tmp_path / "corpus.txt")]) == 0
+    corpus = (tmp_path / "corpus.txt").read_text()
+    assert "Step 1:" in corpus and "<|" not in corpus and "<think>" not in corpus
     assert main(["data", "show", str(out / "agent" / "train.jsonl"), "--index", "2"]) == 0
     assert "<|tool_calls_section_begin|>" in capsys.readouterr().out
     assert main(["data", "generate", "--out", str(out), "--families", "poetry"]) == 2
