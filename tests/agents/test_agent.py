@@ -101,6 +101,32 @@ def test_repeated_identical_calls_are_capped(serve):
     assert len(refusals) == 2 and all("has been made" in r and "refused" in r for r in refusals)
 
 
+def test_failing_calls_may_be_retried_but_not_forever(serve):
+    attempts = []
+
+    @tool
+    def flaky(q: str) -> str:
+        """Fails four times, then works."""
+        attempts.append(q)
+        if len(attempts) <= 4:
+            raise ConnectionError("try again")
+        return "finally"
+
+    def retry_until_ok(body):
+        last = body["messages"][-1]
+        return say(last["content"]) if last.get("content") == "finally" else call("flaky", {"q": "x"})
+
+    with serve(retry_until_ok) as srv:
+        res = asyncio.run(Agent(srv.chat_model(), [flaky], config=AgentConfig(repeat_limit=2)).run("x"))
+    assert res.answer == "finally" and len(attempts) == 5  # errors do not use up the repeat allowance
+
+    with serve(lambda body: call("flaky", {"q": "y"})) as srv:
+        cfg = AgentConfig(repeat_limit=1, error_retries=2, repeat_stop=1)
+        attempts.clear()
+        res = asyncio.run(Agent(srv.chat_model(), [flaky], config=cfg).run("x"))
+    assert res.stop_reason == "repeated_calls" and len(attempts) == 3
+
+
 def test_step_budget_stops_the_run(serve):
     n = iter(range(1000))
     with serve(lambda body: call("add", {"a": next(n), "b": 1}, content="working")) as srv:

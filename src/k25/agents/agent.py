@@ -33,9 +33,12 @@ class AgentConfig:
 
     max_steps: int = 300
     parallel_tool_calls: bool = True
-    # An identical call (same tool, same arguments) beyond this many times is refused unexecuted;
-    # after `repeat_stop` consecutive steps of nothing but refused calls the run stops.
+    # An identical call (same tool, same arguments) that already succeeded `repeat_limit` times is
+    # refused unexecuted (its answer will not change); one that keeps failing may be retried
+    # `error_retries` more times. After `repeat_stop` consecutive steps of nothing but refused
+    # calls the run stops: a prompt alone does not stop a looping model.
     repeat_limit: int = 3
+    error_retries: int = 5
     repeat_stop: int = 3
     max_context_tokens: int = 262_144
     compaction_ratio: float = 0.85
@@ -187,13 +190,15 @@ class Agent:
             if earlier is not None:  # issued before the run was killed: run it now, count it once
                 error = None if earlier.get("executed", True) else earlier.get("error")
                 refused += 1 if earlier.get("refused") else 0
-                jobs.append(self._one_call(log, step, call, error))
+                jobs.append(self._one_call(log, step, call, error, s))
                 continue
             key = call_key(name, args)
             count = s.repeats.get(key, 0) + 1
             s.repeats[key] = count
             error = None
-            if count > cfg.repeat_limit:
+            is_refused = (s.successes.get(key, 0) >= cfg.repeat_limit
+                          or count > cfg.repeat_limit + cfg.error_retries)
+            if is_refused:
                 error = (f"Error: refused. This exact call ({name} with the same arguments) has been made {count} "
                          f"times; repeating it will not give a different result. Use the earlier result, change "
                          f"the arguments, or answer.")
@@ -203,11 +208,11 @@ class Agent:
                          f"answer with what you have.")
             s.issued[(step, call["id"])] = log.write({
                 "type": "tool_call", "step": step, "id": call["id"], "name": name, "arguments": args,
-                "repeat": count, "executed": error is None, "refused": count > cfg.repeat_limit, "error": error,
+                "repeat": count, "executed": error is None, "refused": is_refused, "error": error,
                 "agent": self.name})
             if error is None:
                 s.tool_calls += 1
-            jobs.append(self._one_call(log, step, call, error))
+            jobs.append(self._one_call(log, step, call, error, s))
         if cfg.parallel_tool_calls:
             outs = await asyncio.gather(*jobs)
         else:
@@ -219,7 +224,9 @@ class Agent:
         s.refused_streak = s.refused_streak + 1 if all_refused else 0
         log.write({"type": "tool_round", "step": step, "refused_streak": s.refused_streak})
 
-    async def _one_call(self, log: Trace, step: int, call: dict[str, Any], error: str | None) -> tuple[str, str]:
+    async def _one_call(
+        self, log: Trace, step: int, call: dict[str, Any], error: str | None, s: ReplayState
+    ) -> tuple[str, str]:
         name = call["function"]["name"]
         if error is not None:
             content, is_error, seconds = error, True, 0.0
@@ -227,6 +234,9 @@ class Agent:
             ctx = ToolContext(agent=self.name, step=step, call_id=call["id"])
             result = await self.tools.call(name, call["function"].get("arguments"), ctx)
             content, is_error, seconds = result.content, result.is_error, result.seconds
+            if not is_error:
+                key = call_key(name, call["function"].get("arguments"))
+                s.successes[key] = s.successes.get(key, 0) + 1
         log.write({"type": "tool_result", "step": step, "id": call["id"], "name": name, "content": content,
                    "is_error": is_error, "seconds": round(seconds, 4), "agent": self.name})
         return call["id"], content

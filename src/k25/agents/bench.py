@@ -296,7 +296,9 @@ def _members(hist: list[tuple[str, dict[str, Any], str]], sector: str) -> list[s
 def _find_doc(hist: list[tuple[str, dict[str, Any], str]], query: str, prefix: str) -> str | None:
     found = _last_ok(hist, "search", lambda a: a.get("query") == query)
     if found is None:
-        return None
+        gave_up = any(n == "search" and a.get("query") == query and r.startswith("Error: refused")
+                      for n, a, r in hist)
+        return "" if gave_up else None
     for hit in json.loads(found):
         if hit["doc_id"].startswith(prefix):
             return hit["doc_id"]

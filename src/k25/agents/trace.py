@@ -90,6 +90,7 @@ class ReplayState:
     usage: Usage = field(default_factory=Usage)
     last_usage: Usage | None = None
     repeats: dict[str, int] = field(default_factory=dict)
+    successes: dict[str, int] = field(default_factory=dict)
     refused_streak: int = 0
     final: dict[str, Any] | None = None
     # The last assistant turn's calls still without results: (step, message, {call_id: result event}).
@@ -147,6 +148,10 @@ def replay(events: list[dict[str, Any]]) -> ReplayState:
             s.repeats[call_key(e["name"], e.get("arguments"))] = e.get("repeat", 1)
             s.issued[(e["step"], e["id"])] = e
         elif kind == "tool_result":
+            issued = s.issued.get((e["step"], e["id"]))
+            if issued is not None and not e.get("is_error"):
+                key = call_key(issued["name"], issued.get("arguments"))
+                s.successes[key] = s.successes.get(key, 0) + 1
             if s.open_step is not None and s.open_step[0] == e["step"]:
                 s.open_step[2][e["id"]] = e
                 close_open_step()
