@@ -16,7 +16,7 @@ or the dense loop). The engine swaps in one of these modules, which take the sam
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,24 +28,31 @@ from ..model.moe import Experts, MoE
 GROUP = 32
 
 
-def _routes(idx: torch.Tensor, weights: torch.Tensor) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(expert, token rows, combine weights) for each expert that at least one token selected."""
+def _combine(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+             expert: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Σ_k weights·expert(idx, x) for x [N, H], calling `expert(e, rows)` once per selected expert.
+
+    Rows are grouped by expert with a sort and put back with a gather (no index_add_/scatter:
+    those are slow on CPU); at batch 1 the k selected experts are simply run and summed.
+    """
     n, k = idx.shape
     if n == 1:
+        out = None
         for j, e in enumerate(idx[0].tolist()):
-            yield e, torch.zeros(1, dtype=torch.long), weights[0, j : j + 1]
-        return
+            y = expert(e, x).float() * weights[0, j]
+            out = y if out is None else out + y
+        return out.to(x.dtype)
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=1)
-    experts = counts.nonzero().flatten().tolist()
-    bounds = counts[counts > 0].cumsum(0).tolist()
-    w = weights.reshape(-1)[order]
-    tok = order // k
+    counts = torch.bincount(flat)
+    xs = x[order // k]
+    ys = torch.empty(n * k, x.shape[-1], dtype=torch.float32, device=x.device)
     start = 0
-    for e, stop in zip(experts, bounds, strict=True):
-        yield e, tok[start:stop], w[start:stop]
-        start = stop
+    for e, c in zip(counts.nonzero().flatten().tolist(), counts[counts > 0].tolist(), strict=True):
+        ys[start : start + c] = expert(e, xs[start : start + c]).float()
+        start += c
+    ys = ys * weights.reshape(-1)[order, None].float()
+    return ys[order.argsort()].view(n, k, -1).sum(1).to(x.dtype)
 
 
 class FusedExperts(nn.Module):
@@ -65,13 +72,11 @@ class FusedExperts(nn.Module):
             return cls(gate_up, experts.down_proj.detach().contiguous())
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
-        out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
-        for e, rows, w in _routes(idx, weights):
-            xs = x[rows]
-            g, u = F.linear(xs, self.gate_up[e]).split(self.inter, dim=-1)
-            y = F.linear(F.silu(g) * u, self.down[e])
-            out.index_add_(0, rows, y.float() * w[:, None])
-        return out.to(x.dtype)
+        return _combine(x, idx, weights, self._expert)
+
+    def _expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
+        g, u = F.linear(xs, self.gate_up[e]).split(self.inter, dim=-1)
+        return F.linear(F.silu(g) * u, self.down[e])
 
 
 def int4_kernel_available() -> bool:
@@ -151,12 +156,11 @@ class Int4Experts(nn.Module):
         return F.linear(x, (q * s.to(x.dtype)[..., None]).view(w.shape[0], in_f))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, impl: str = "grouped") -> torch.Tensor:
-        out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
-        for e, rows, w in _routes(idx, weights):
-            g, u = self._linear(x[rows], "gate_up", e).float().split(self.inter, dim=-1)
-            y = self._linear((F.silu(g) * u).to(x.dtype), "down", e)
-            out.index_add_(0, rows, y.float() * w[:, None])
-        return out.to(x.dtype)
+        return _combine(x, idx, weights, self._expert)
+
+    def _expert(self, e: int, xs: torch.Tensor) -> torch.Tensor:
+        g, u = self._linear(xs, "gate_up", e).float().split(self.inter, dim=-1)
+        return self._linear((F.silu(g) * u).to(xs.dtype), "down", e)
 
 
 def _quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,7 +107,15 @@ class MLAttention(nn.Module):
         q_latent = torch.matmul(q_nope, w_uk)  # [B, nH, T, R]: the key up-projection folded into q
         q = torch.cat([q_latent, q_rope], dim=-1)
         k = torch.cat([latent, k_rope], dim=-1)[:, None]  # [B, 1, S, R + Dr], shared by all heads
-        o_latent = self._sdpa(q, k, latent[:, None], mask)  # [B, nH, T, R]
+        b, nh, t, _ = q.shape
+        if t == 1 and not self.record_max_logits:
+            # Decode: one query per head over one shared key, so fold the heads into the query axis
+            # (plain attention; SDPA's GQA path copies the key per head and is far slower on CPU).
+            o = F.scaled_dot_product_attention(q.view(b, 1, nh, -1), k, latent[:, None], attn_mask=mask,
+                                               scale=self.softmax_scale)
+            o_latent = o.view(b, nh, 1, -1)
+        else:
+            o_latent = self._sdpa(q, k, latent[:, None], mask)  # [B, nH, T, R]
         return torch.matmul(o_latent, w_uv.transpose(1, 2))  # value up-projection folded into the output
 
     def _sdpa(self, q, k, v, mask) -> torch.Tensor:
