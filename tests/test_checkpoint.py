@@ -254,3 +254,32 @@ def test_chat_template_and_tokenizer_are_written_next_to_the_weights(saved, tmp_
     k25.save(k25.load(path, vision=False), tiny_config(), out, tokenizer=tok)
     again = KimiTokenizer.from_pretrained(out)
     assert again.encode("hi<|im_end|>") == tok.encode("hi<|im_end|>")
+
+
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """Peak resident memory while loading stays near the model's own size (no second full copy)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg = tiny_config(text_only=True, vocab_size=16384, hidden_size=512, intermediate_size=1024)
+    model = write_random_checkpoint(tmp_path, cfg, seed=0, max_shard_bytes=24 * 2**20)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(p.numel() * p.element_size() for p in model.parameters())
+    del model
+    script = textwrap.dedent(f"""
+        import torch, k25
+        k25.build_model(k25.preset("tiny"), device="meta")  # torch's one-off meta-device start-up cost
+        def hwm():
+            for line in open("/proc/self/status"):
+                if line.startswith(("VmHWM", "VmRSS")):
+                    yield int(line.split()[1]) * 1024
+        base = max(hwm())
+        m = k25.load({str(tmp_path)!r}, dtype=torch.float32)
+        print(max(hwm()) - base, sum(p.numel() * p.element_size() for p in m.parameters()))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    grown, loaded = int(out[0]), int(out[1])
+    assert loaded == model_bytes > 70 * 2**20
+    # the model itself, plus the tensor being copied in (and its pages while mapped), plus slack
+    assert grown < model_bytes + 2 * largest + 16 * 2**20, (grown / 2**20, model_bytes / 2**20)

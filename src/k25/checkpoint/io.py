@@ -149,6 +149,11 @@ class ShardedReader:
         self._handles[shard] = handle
         return handle
 
+    def close(self, shard: str | None = None) -> None:
+        """Unmap one shard (or all): its pages stop counting against the process once read."""
+        for name in [shard] if shard is not None else list(self._handles):
+            self._handles.pop(name, None)
+
     def shards(self) -> list[str]:
         return sorted(set(self.weight_map.values()))
 
@@ -271,6 +276,8 @@ def load_state_into(
                 if target.expert is not None:
                     dest = dest[target.expert]
                 dest.copy_(value)
+                del value
+            reader.close(shard)  # at most one shard mapped at a time
 
 
 def _int4_logical_shape(reader: ShardedReader, packed_name: str, expected: tuple[int, ...]) -> tuple[int, ...]:
