@@ -229,6 +229,6 @@ def test_cli_generate_check_show(tmp_path, capsys):
     assert main(["data", "generate", "--out", str(out), "--families", "poetry"]) == 2
     assert "unknown families ['poetry']" in capsys.readouterr().err
     assert main(["data", "generate", "--out", str(out), "--corpus-size", "9"]) == 2
-    assert "at least 15 towns" in capsys.readouterr().err
+    assert "at least 18 towns" in capsys.readouterr().err
     with pytest.raises(DataError, match="larger --corpus-size"):
-        generate(0, 400, families=["tool_search"], corpus_size=15)
+        generate(0, 400, families=["tool_search"], corpus_size=18)

@@ -121,7 +121,7 @@ class Corpus:
         self._search: Any = None
 
     @classmethod
-    def build(cls, seed: int, size: int = 200) -> Corpus:
+    def build(cls, seed: int, size: int = 500) -> Corpus:
         """The corpus for ``seed`` (what ``k25 data generate --corpus-size`` writes)."""
         return cls(build_towns(seed, size))
 

@@ -45,7 +45,7 @@ TRANSIENT_ERRORS = {
 
 
 HELDOUT_FRACTION = 0.1  # share of tasks (and of towns) held out
-MAX_TOWNS_PER_TASK = 5
+MAX_TOWNS_PER_TASK = 6
 
 
 @dataclass
@@ -299,7 +299,7 @@ def _search(
     if rng.random() < transient:
         tools.fail_next = TRANSIENT_ERRORS["search"]
         chat.call(plan, [("search", args)], tools, failed=True)
-        plan = "The search service was unavailable. I will run the same search again."
+        plan = "The search timed out. I will run the same search again."
     hits = json.loads(chat.call(plan, [("search", args)], tools)[0])
     if not hits or hits[0]["doc_id"] != Corpus.doc_id(town):
         raise AssertionError(f"search {args} did not rank {town.name} first: {hits[:1]}")
@@ -420,88 +420,134 @@ _RESEARCHER_PROMPT = (
 )
 
 
-def _subagent_run(world: World, rng: random.Random, name: str, system: str, prompt: str, town: Town) -> tuple[
-    dict[str, Any], str, int
-]:
-    """A sub-agent's own conversation: search, calculator, answer. Returns (record, answer, steps)."""
+def _subagent_run(
+    world: World, rng: random.Random, name: str, system: str, prompt: str, towns: list[Town]
+) -> tuple[dict[str, Any], str, int]:
+    """A sub-agent's own conversation: search each town, one calculator call, a one-sentence answer.
+
+    One town: its age in CURRENT_YEAR. Two towns: how many years apart they were founded.
+    Returns (record, final answer, assistant steps).
+    """
     chat = Chat(tool_schemas("search", "calculator"), True, system=system + SUBAGENT_SUFFIX)
     tools = Tools(world)
     chat.user(prompt)
-    _search(chat, tools, rng, town, "founded", f"I will search for {town.name}.", 0.0, ks=(1, 2))
-    expression = f"{CURRENT_YEAR} - {town.founded}"
-    sentence = _fact_sentence(town, "founded")
-    age = chat.call(f"{sentence} Now {expression}.", [("calculator", {"expression": expression})], tools)[0]
-    final = f"{town.name} was founded in {town.founded}, so in {CURRENT_YEAR} it is {age} years old."
-    chat.answer(f"The calculator returned {age}.", final)
+    plan = f"I will search for {towns[0].name}."
+    for i, town in enumerate(towns):
+        _search(chat, tools, rng, town, "founded", plan, 0.0, ks=(1, 2))
+        if i + 1 < len(towns):
+            plan = f"{_fact_sentence(town, 'founded')} Now {towns[i + 1].name}."
+    facts = " ".join(_fact_sentence(t, "founded") for t in towns)
+    years = [t.founded for t in towns]
+    expression = f"{CURRENT_YEAR} - {years[0]}" if len(towns) == 1 else f"{max(years)} - {min(years)}"
+    value = chat.call(f"{facts} Now {expression}.", [("calculator", {"expression": expression})], tools)[0]
+    if len(towns) == 1:
+        final = f"{towns[0].name} was founded in {years[0]}, so in {CURRENT_YEAR} it is {value} years old."
+    else:
+        final = (
+            f"{towns[0].name} was founded in {years[0]} and {towns[1].name} in {years[1]}, "
+            f"so they were founded {value} years apart."
+        )
+    chat.answer(f"The calculator returned {value}.", final)
     steps = sum(1 for m in chat.messages if m["role"] == "assistant")
-    rec = record("swarm_sub", chat, age, "number", "", towns=[town.name], agent=name)
+    rec = record("swarm_sub", chat, value, "number", "", towns=[t.name for t in towns], agent=name)
     return rec, final, steps
 
 
 def sample_swarm(rng: random.Random, world: World) -> Sample:
-    """Ages of 3-5 towns, one sub-agent task each in parallel, then oldest / youngest / total."""
-    split, towns = world.draw_towns(rng, rng.randint(3, MAX_TOWNS_PER_TASK))
-    names = [t.name for t in towns]
-    goal = rng.choice(("oldest", "youngest", "total"))
-    ask = {
-        "oldest": "Which of them is the oldest?",
-        "youngest": "Which of them was founded most recently?",
-        "total": "What do their ages add up to?",
-    }[goal]
-    key = f"swarm:{goal}:{':'.join(sorted(names))}"
-    chat = Chat(tool_schemas(*ORCHESTRATOR_TOOLS), True, system=ORCHESTRATOR_PROMPT)
-    chat.user(f"How many years has each of these towns existed in {CURRENT_YEAR}: {', '.join(names)}? {ask}")
-    shared = rng.random() < 0.5
-    agents = ["town_researcher"] if shared else [f"researcher_{i + 1}" for i in range(len(towns))]
-    created = {a: _RESEARCHER_PROMPT for a in agents}
+    """Independent parts (town ages, or founding gaps of town pairs) run by sub-agents in parallel, combined.
 
+    Ages: 3-5 towns, one task each; then the oldest, the newest or the total. Gaps: 3 pairs, one
+    task each; then the pair furthest apart or the total. Ties fall back to the total.
+    """
+    kind = rng.choice(("ages", "gaps"))
+    if kind == "ages":
+        split, towns = world.draw_towns(rng, rng.randint(3, MAX_TOWNS_PER_TASK - 1))
+        parts = [[t] for t in towns]
+        values = {t.name: CURRENT_YEAR - t.founded for t in towns}
+        labels = [t.name for t in towns]
+    else:
+        split, towns = world.draw_towns(rng, MAX_TOWNS_PER_TASK)
+        parts = [towns[i : i + 2] for i in range(0, len(towns), 2)]
+        labels = [f"{a.name} and {b.name}" for a, b in parts]
+        values = {lab: abs(a.founded - b.founded) for lab, (a, b) in zip(labels, parts, strict=True)}
+    goal = rng.choice(("max", "min", "total") if kind == "ages" else ("max", "total"))
+    if goal != "total":
+        best = (max if goal == "max" else min)(values.values())
+        if list(values.values()).count(best) > 1:
+            goal = "total"  # a tie has no single answer
+    names = [t.name for t in towns]
+    if kind == "ages":
+        ask = {
+            "max": "Which of them is the oldest?",
+            "min": "Which of them was founded most recently?",
+            "total": "What do their ages add up to?",
+        }[goal]
+        question = f"How many years has each of these towns existed in {CURRENT_YEAR}: {', '.join(names)}? {ask}"
+        prompts = [
+            f"Find the year {t.name} was founded and compute how many years it has existed in {CURRENT_YEAR}. "
+            "Answer in one sentence."
+            for (t,) in parts
+        ]
+    else:
+        ask = "Which pair was founded furthest apart?" if goal == "max" else "What do the gaps add up to?"
+        question = (
+            f"For each pair of towns, how many years apart were they founded: {'; '.join(labels)}? {ask}"
+        )
+        prompts = [
+            f"Find the years {a.name} and {b.name} were founded and compute how many years apart they were "
+            "founded. Answer in one sentence."
+            for a, b in parts
+        ]
+    key = f"swarm:{kind}:{goal}:{'|'.join(labels)}"
+    chat = Chat(tool_schemas(*ORCHESTRATOR_TOOLS), True, system=ORCHESTRATOR_PROMPT)
+    chat.user(question)
+    shared = rng.random() < 0.5
+    agents = ["town_researcher"] if shared else [f"researcher_{i + 1}" for i in range(len(parts))]
+    created = {a: _RESEARCHER_PROMPT for a in agents}
     creations = dict(zip(agents, create_subagent_results([(a, created[a]) for a in agents]), strict=True))
+    answers: dict[str, str] = {}
 
     def run_tool(name: str, args: dict[str, Any]) -> str:
         if name == "create_subagent":
             return creations[args["name"]]
         return answers[args["prompt"]]
 
-    calls = [("create_subagent", {"name": a, "system_prompt": created[a]}) for a in agents]
-    plan = (
-        f"The {len(towns)} towns are independent, so I will research them in parallel. "
-        + ("One researcher sub-agent can take every town." if shared else "I will create one researcher per town.")
+    what = "towns" if kind == "ages" else "pairs"
+    plan = f"The {len(parts)} {what} are independent, so I will research them in parallel. " + (
+        "One researcher sub-agent can take every part." if shared else "I will create one researcher per part."
     )
-    chat.call(plan, calls, run_tool)
-    subs, answers, sub_steps = [], {}, []
-    assignments = []
-    for i, town in enumerate(towns):
+    chat.call(plan, [("create_subagent", {"name": a, "system_prompt": created[a]}) for a in agents], run_tool)
+    subs, sub_steps, assignments = [], [], []
+    for i, (part, prompt) in enumerate(zip(parts, prompts, strict=True)):
         agent = agents[0] if shared else agents[i]
-        prompt = (
-            f"Find the year {town.name} was founded and compute how many years it has existed in "
-            f"{CURRENT_YEAR}. Answer in one sentence."
-        )
-        rec, final, steps = _subagent_run(world, rng, agent, created[agent], prompt, town)
+        rec, final, steps = _subagent_run(world, rng, agent, created[agent], prompt, part)
         rec["meta"]["key"] = key
         subs.append(rec)
         answers[prompt] = final
         sub_steps.append(steps)
         assignments.append(("assign_task", {"agent": agent, "prompt": prompt}))
-    chat.call(f"Now I assign the {len(towns)} towns in one turn so they run at the same time.", assignments, run_tool)
-    ages = {t.name: CURRENT_YEAR - t.founded for t in towns}
-    listing = ", ".join(f"{n} {ages[n]}" for n in names)
+    chat.call(f"Now I assign the {len(parts)} {what} in one turn so they run at the same time.", assignments, run_tool)
+    unit = "years old" if kind == "ages" else "years apart"
+    listing = "; ".join(f"{lab}: {values[lab]}" for lab in labels)
     if goal == "total":
-        total = sum(ages.values())
-        sum_text = " + ".join(str(ages[n]) for n in names)
-        reasoning = f"Ages: {listing}. Total: {sum_text} = {total}."
+        total = sum(values.values())
+        reasoning = f"{listing}. Total: {' + '.join(str(values[lab]) for lab in labels)} = {total}."
         answer, answer_type = str(total), "number"
-        final = f"Ages: {listing}. Together they add up to {total} years."
+        final = f"{listing}. Together they add up to {total} years."
     else:
-        pick = (max if goal == "oldest" else min)(names, key=lambda n: (ages[n], n))
-        reasoning = f"Ages: {listing}. The {'largest' if goal == 'oldest' else 'smallest'} is {pick} with {ages[pick]}."
+        pick = next(lab for lab in labels if values[lab] == (max if goal == "max" else min)(values.values()))
+        reasoning = f"{listing}. The {'largest' if goal == 'max' else 'smallest'} is {pick} with {values[pick]}."
         answer, answer_type = pick, "text"
-        final = f"{pick} is the {'oldest' if goal == 'oldest' else 'newest'}, at {ages[pick]} years ({listing})."
+        if kind == "ages":
+            final = f"{pick} is the {'oldest' if goal == 'max' else 'newest'}, at {values[pick]} {unit} ({listing})."
+        else:
+            final = f"{pick} were founded furthest apart, {values[pick]} {unit} ({listing})."
     chat.answer(reasoning, final)
     # Critical steps: per stage, orchestrator steps plus the longest sub-agent (create, assign, answer).
     critical = 1 + (1 + max(sub_steps)) + 1
     single = sum(s - 1 for s in sub_steps) + 1  # one agent making the same tool calls in sequence
     rec = record(
-        "swarm", chat, answer, answer_type, key, goal=goal, towns=names, subagents=len(towns),
+        "swarm", chat, answer, answer_type, key, kind=kind, goal=goal, towns=names, subagents=len(parts),
         critical_steps=critical, single_agent_steps=single,
     )
     return Sample(key, {"swarm": [rec], "swarm_sub": subs}, split=split)
