@@ -124,3 +124,21 @@ def test_chat_command(checkpoint, capsys):
                  "--temperature", "0"]) == 0
     with pytest.raises(SystemExit, match="tokenizer"):
         main(["chat", "tiny", "--message", "Hi"])
+
+
+def test_offloaded_experts_are_file_backed_and_exact(checkpoint, int4_checkpoint):
+    from k25.engine.offload import MappedExperts, load_offloaded_text_model
+
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        for path in (checkpoint, int4_checkpoint):
+            mapped = load_offloaded_text_model(path, torch.float32)
+            experts = mapped.model.layers[1].mlp.experts
+            assert isinstance(experts, MappedExperts)
+            assert not list(experts.parameters()) and not list(experts.buffers())  # nothing resident
+            assert (mapped(ids) - k25.load(path, dtype=torch.float32)(ids)).abs().max() < 1e-4
+    llm = k25.LLM(int4_checkpoint, offload=True, num_blocks=64, block_size=4)
+    ref = k25.load(int4_checkpoint, dtype=torch.float32)
+    assert llm.generate([[5, 6, 7]], GREEDY)[0].output_ids == generate(ref, torch.tensor([[5, 6, 7]]), 6)[0].tolist()
+    with pytest.raises(ValueError, match="checkpoint directory"):
+        k25.LLM("tiny", offload=True)

@@ -25,7 +25,8 @@ class LLM:
     `experts`: "auto" (INT4 checkpoints stay INT4, others run the fused full-precision path),
     "fused", "int4" (quantise on load) or "reference". `tokenizer`: a directory holding
     `tiktoken.model`, a `KimiTokenizer`, or None (then the checkpoint directory is tried; a
-    preset has none, and text prompts and `chat` fail with a clear error). Other keyword
+    preset has none, and text prompts and `chat` fail with a clear error). `offload=True` keeps
+    a checkpoint's routed experts memory-mapped on disk (see offload.py). Other keyword
     arguments go to :class:`EngineConfig`.
     """
 
@@ -37,6 +38,7 @@ class LLM:
         dtype: torch.dtype | str | None = None,
         seed: int = 0,
         experts: str = "auto",
+        offload: bool = False,
         **engine_kwargs: Any,
     ) -> None:
         from ..chat.tokenizer import KimiTokenizer
@@ -47,8 +49,15 @@ class LLM:
             net, mode = model, "fused" if experts == "auto" else experts
         elif Path(model).exists():
             directory = Path(model)
-            net, mode = _load(directory, dtype, experts)
+            if offload:
+                from .offload import load_offloaded_text_model
+
+                net, mode = load_offloaded_text_model(directory, dtype), "reference"
+            else:
+                net, mode = _load(directory, dtype, experts)
         else:
+            if offload:
+                raise ValueError(f"offload needs a checkpoint directory; {model!r} is not one")
             from ..checkpoint.model_io import build_model
             from ..config import preset
 
