@@ -36,6 +36,20 @@ def test_tool_round_trip_carries_reasoning_back(serve):
     assert "<think>I need to add.</think><|tool_calls_section_begin|>" in render(second)
 
 
+def test_missing_and_repeated_tool_call_ids_are_made_unique():
+    from k25.agents.model import assistant_message
+
+    history = [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": "{}"}}]}]
+    raw = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": "{}"}},
+        {"type": "function", "function": {"name": "add", "arguments": "{}"}},
+        {"id": "call_9", "type": "function", "function": {"name": "add", "arguments": "{}"}}]}
+    msg = assistant_message(raw, history)
+    assert [c["id"] for c in msg["tool_calls"]] == ["functions.add:1", "functions.add:2", "call_9"]
+    assert msg["reasoning_content"] == ""  # preserved-thinking servers want the field on tool-call turns
+
+
 def test_retries_on_429_and_5xx_then_fails_clearly(serve):
     script = [rate_limited(retry_after=0), server_error(503), say("ok")]
     with serve(script) as srv:

@@ -217,8 +217,9 @@ class ChatModel:
 def assistant_message(msg: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
     """The SDK's message -> a history dict that keeps ``reasoning_content`` (K2.5 needs it back).
 
-    vLLM's newer field name ``reasoning`` is read too. Missing tool-call ids get the Kimi
-    ``functions.NAME:IDX`` form, numbered across the conversation as vLLM does.
+    vLLM's newer field name ``reasoning`` is read too. Missing or repeated tool-call ids (some
+    servers number calls per response) get the Kimi ``functions.NAME:IDX`` form, numbered across
+    the conversation as vLLM does.
     """
     data = msg.model_dump(exclude_none=True) if hasattr(msg, "model_dump") else dict(msg)
     out: dict[str, Any] = {"role": "assistant", "content": data.get("content")}
@@ -231,14 +232,18 @@ def assistant_message(msg: Any, history: list[dict[str, Any]]) -> dict[str, Any]
         out["reasoning_content"] = reasoning or ""
     if calls:
         index = next_tool_call_index(history)
+        used = {c.get("id") for m in history for c in m.get("tool_calls") or []}
         fixed = []
         for i, c in enumerate(calls):
             fn = c.get("function") or {}
             name = fn.get("name") or ""
-            fixed.append({
-                "id": c.get("id") or make_tool_call_id(name, index + i),
-                "type": "function",
-                "function": {"name": name, "arguments": fn.get("arguments") or ""},
-            })
+            call_id = c.get("id")
+            if not call_id or call_id in used:  # results are matched by id: it must be unique
+                call_id = make_tool_call_id(name, index + i)
+                while call_id in used:
+                    call_id += "_"
+            used.add(call_id)
+            fixed.append({"id": call_id, "type": "function",
+                          "function": {"name": name, "arguments": fn.get("arguments") or ""}})
         out["tool_calls"] = fixed
     return out

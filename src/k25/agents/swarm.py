@@ -231,7 +231,7 @@ class _SwarmRun:
                 prompt: the complete task; the sub-agent cannot see your conversation.
             """
             self._check_agent(agent)
-            status, text = await self.run_task(agent, prompt, ctx.step, ctx.call_id)
+            status, text = await self.run_task(agent, prompt, ctx.step, f"{ctx.step}-{ctx.call_id}")
             if status != "done":
                 raise ToolError(f"sub-agent {agent!r} did not finish ({status}): {text}")
             return text
@@ -254,7 +254,7 @@ class _SwarmRun:
             if len(set(prompts)) != len(prompts):
                 raise ToolError("the items give duplicate prompts; make every item distinct")
             outs = await asyncio.gather(*(
-                self.run_task(agent, p, ctx.step, f"{ctx.call_id}-{i}") for i, p in enumerate(prompts)
+                self.run_task(agent, p, ctx.step, f"{ctx.step}-{ctx.call_id}-{i}") for i, p in enumerate(prompts)
             ))
             return json.dumps([{"item": it, "status": st, "result": text}
                                for it, (st, text) in zip(items, outs, strict=True)], ensure_ascii=False)
