@@ -214,3 +214,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--latency", type=float, default=0.02, help="scripted model: seconds per model call")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_guard(cmd_bench))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m k25.agents.cli agent|swarm|agent-bench ...``: the same commands without loading
+    the model stack (no torch import), for quick starts on machines that only run agents."""
+    parser = argparse.ArgumentParser(prog="k25-agents", description="k25 Agent mode and Agent Swarm")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
