@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -256,8 +257,15 @@ def test_two_gloo_processes_equal_single_process_training(tmp_path, corpus):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "k25.cli", *args, "--out", str(tmp_path / "ddp")]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
     assert main([*args, "--out", str(tmp_path / "single"), "--grad-accum", "2"]) == 0
     ddp, single = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
     assert len(ddp) == len(single) == 3

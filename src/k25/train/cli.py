@@ -97,7 +97,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .trainer import TrainError
 
     try:
-        path = plot_runs(args.runs, args.metric, args.out, labels=args.label or None, log_y=args.log_y)
+        path = plot_runs(args.runs, args.metric, args.out, labels=args.label or None, log_y=args.log_y,
+                         hline=args.hline)
     except TrainError as e:
         print(f"k25 train plot: error: {e}", file=sys.stderr)
         return 2
@@ -119,5 +120,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", default="loss", help="loss, eval_loss, max_logit, grad_norm, lr, ... (default: loss)")
     p.add_argument("--label", action="append", help="legend label per run (default: directory names)")
     p.add_argument("--log-y", action="store_true")
+    p.add_argument("--hline", type=float, default=None, help="draw a reference level, e.g. the QK-Clip τ")
     p.add_argument("-o", "--out", default="metrics.png", type=Path)
     p.set_defaults(func=cmd_plot)

@@ -15,8 +15,12 @@ def plot_runs(
     labels: Sequence[str] | None = None,
     log_y: bool = False,
     title: str | None = None,
+    hline: float | None = None,
 ) -> Path:
-    """Draw ``metric`` (e.g. ``loss``, ``eval_loss``, ``max_logit``) of each run vs tokens; save to ``out``."""
+    """Draw ``metric`` (e.g. ``loss``, ``eval_loss``, ``max_logit``) of each run vs tokens; save to ``out``.
+
+    ``hline`` draws a reference level (e.g. the QK-Clip threshold τ).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,6 +36,8 @@ def plot_runs(
         label = labels[i] if labels else Path(run).name
         ax.plot([r["tokens"] for r in records], [r[metric] for r in records], label=label,
                 marker="o" if len(records) < 30 else None, ms=3)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls="--", lw=1, label=f"{hline:g}")
     ax.set_xlabel("tokens")
     ax.set_ylabel(metric)
     if log_y:

@@ -164,6 +164,7 @@ class Trainer:
             config = model.k25_config if hasattr(model, "k25_config") else K25Config.from_json_file(cfg.model)
         else:
             config = preset(cfg.model)
+            config.vision_config = None  # text training; also frees the vision/text width coupling
             if cfg.overrides:
                 config = config.replace_text(**cfg.overrides)
             model = None
