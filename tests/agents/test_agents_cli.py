@@ -13,7 +13,7 @@ def test_agent_command_uses_the_endpoint_and_writes_a_trace(serve, tmp_path, cap
     trace = tmp_path / "t.jsonl"
     with serve(script) as srv:
         rc = main(["agent", "what is 6*7?", "--base-url", srv.base_url, "--model", "m", "--api-key", "k",
-                   "--trace", str(trace), "--json", "--thinking", "off"])
+                   "--trace", str(trace), "--json", "--thinking", "off", "--stream"])
     out = capsys.readouterr()
     assert rc == 0, out.err
     data = json.loads(out.out)
@@ -23,7 +23,7 @@ def test_agent_command_uses_the_endpoint_and_writes_a_trace(serve, tmp_path, cap
     assert tool_msg["role"] == "tool" and tool_msg["content"].startswith("42")
     body = srv.requests[0]
     assert body["model"] == "m" and body["thinking"] == {"type": "disabled"}
-    assert body["chat_template_kwargs"] == {"thinking": False}
+    assert body["chat_template_kwargs"] == {"thinking": False} and body["stream"] is True
     assert trace.exists()
 
 

@@ -44,6 +44,8 @@ class AgentConfig:
     compaction_ratio: float = 0.85
     reserved_context_tokens: int = 16_384
     keep_last_messages: int = 4
+    # With a streaming model, start each tool as soon as its call has streamed in (as kosong does).
+    start_tools_early: bool = True
     pricing: Pricing = field(default_factory=Pricing)
 
 
@@ -152,9 +154,26 @@ class Agent:
                 await self._compact(s, log, task)
             step = s.steps + 1
             log.write({"type": "request", "step": step, "prompt_messages": len(s.messages)})
-            reply = await self.model.complete(s.messages, self.tools.specs() or None,
-                                              **({} if cfg.parallel_tool_calls or not self.tools else
-                                                 {"parallel_tool_calls": False}))
+            started: dict[str, tuple[asyncio.Future[tuple[str, str]], bool]] = {}
+
+            def start_early(call: dict[str, Any], step: int = step, started: dict[str, Any] = started) -> None:
+                """A call streamed in completely: start it while the rest of the reply streams."""
+                if (step, call["id"]) in s.early:  # finished before the run was killed
+                    return
+                job, refused = self._issue(s, log, step, call)
+                started[call["id"]] = (asyncio.ensure_future(job), refused)
+
+            options: dict[str, Any] = {}
+            if not cfg.parallel_tool_calls and self.tools:
+                options["parallel_tool_calls"] = False
+            elif self.model.stream and cfg.start_tools_early:
+                options["on_tool_call"] = start_early
+            try:
+                reply = await self.model.complete(s.messages, self.tools.specs() or None, **options)
+            except BaseException:
+                for fut, _ in started.values():
+                    fut.cancel()
+                raise
             s.steps = step
             s.usage.add(reply.usage)
             s.last_usage = reply.usage
@@ -163,7 +182,9 @@ class Agent:
             s.messages.append(reply.message)
             if not reply.message.get("tool_calls"):
                 return self._finish(s, log, "answer", reply.message.get("content") or "")
-            await self._run_tools(s, log, step, reply.message, {})
+            done = {c["id"]: s.early.pop((step, c["id"])) for c in reply.message["tool_calls"]
+                    if (step, c["id"]) in s.early}
+            await self._run_tools(s, log, step, reply.message, done, started)
 
     def _finish(self, s: ReplayState, log: Trace, reason: str, answer: str | None = None) -> str:
         if answer is None:  # out of budget: the last thing the model said is the best answer there is
@@ -175,45 +196,26 @@ class Agent:
         return reason
 
     async def _run_tools(
-        self, s: ReplayState, log: Trace, step: int, message: dict[str, Any], done: dict[str, dict[str, Any]]
+        self, s: ReplayState, log: Trace, step: int, message: dict[str, Any], done: dict[str, dict[str, Any]],
+        started: dict[str, tuple[asyncio.Future[tuple[str, str]], bool]] | None = None,
     ) -> None:
-        cfg = self.config
+        """Run the calls of one assistant turn (those not ``done`` already) and append the results."""
         calls = message["tool_calls"]
         results: dict[str, str] = {cid: e["content"] for cid, e in done.items()}
         refused = 0
-        jobs = []
+        jobs: list[Any] = []
         for call in calls:
             if call["id"] in results:
                 continue
-            name, args = call["function"]["name"], call["function"].get("arguments")
-            earlier = s.issued.get((step, call["id"]))
-            if earlier is not None:  # issued before the run was killed: run it now, count it once
-                error = None if earlier.get("executed", True) else earlier.get("error")
-                refused += 1 if earlier.get("refused") else 0
-                jobs.append(self._one_call(log, step, call, error, s))
-                continue
-            key = call_key(name, args)
-            count = s.repeats.get(key, 0) + 1
-            s.repeats[key] = count
-            error = None
-            is_refused = (s.successes.get(key, 0) >= cfg.repeat_limit
-                          or count > cfg.repeat_limit + cfg.error_retries)
-            if is_refused:
-                error = (f"Error: refused. This exact call ({name} with the same arguments) has been made {count} "
-                         f"times; repeating it will not give a different result. Use the earlier result, change "
-                         f"the arguments, or answer.")
-                refused += 1
-            elif self.budget is not None and not self.budget.take():
-                error = (f"Error: the tool-call budget of {self.budget.limit} calls for this run is spent; "
-                         f"answer with what you have.")
-            s.issued[(step, call["id"])] = log.write({
-                "type": "tool_call", "step": step, "id": call["id"], "name": name, "arguments": args,
-                "repeat": count, "executed": error is None, "refused": is_refused, "error": error,
-                "agent": self.name})
-            if error is None:
-                s.tool_calls += 1
-            jobs.append(self._one_call(log, step, call, error, s))
-        if cfg.parallel_tool_calls:
+            if started and call["id"] in started:
+                job, was_refused = started.pop(call["id"])
+            else:
+                job, was_refused = self._issue(s, log, step, call)
+            jobs.append(job)
+            refused += was_refused
+        for fut, _ in (started or {}).values():  # streamed calls the final message does not have
+            fut.cancel()
+        if self.config.parallel_tool_calls:
             outs = await asyncio.gather(*jobs)
         else:
             outs = [await j for j in jobs]
@@ -223,6 +225,34 @@ class Agent:
         all_refused = bool(jobs) and refused == len(jobs)
         s.refused_streak = s.refused_streak + 1 if all_refused else 0
         log.write({"type": "tool_round", "step": step, "refused_streak": s.refused_streak})
+
+    def _issue(self, s: ReplayState, log: Trace, step: int, call: dict[str, Any]) -> tuple[Any, bool]:
+        """Apply the repeat guard and the budget, log the call, and return (its job, refused?)."""
+        cfg = self.config
+        name, args = call["function"]["name"], call["function"].get("arguments")
+        earlier = s.issued.get((step, call["id"]))
+        if earlier is not None:  # issued before the run was killed: run it now, count it once
+            error = None if earlier.get("executed", True) else earlier.get("error")
+            return self._one_call(log, step, call, error, s), bool(earlier.get("refused"))
+        key = call_key(name, args)
+        count = s.repeats.get(key, 0) + 1
+        s.repeats[key] = count
+        error = None
+        is_refused = s.successes.get(key, 0) >= cfg.repeat_limit or count > cfg.repeat_limit + cfg.error_retries
+        if is_refused:
+            error = (f"Error: refused. This exact call ({name} with the same arguments) has been made {count} "
+                     f"times; repeating it will not give a different result. Use the earlier result, change "
+                     f"the arguments, or answer.")
+        elif self.budget is not None and not self.budget.take():
+            error = (f"Error: the tool-call budget of {self.budget.limit} calls for this run is spent; "
+                     f"answer with what you have.")
+        s.issued[(step, call["id"])] = log.write({
+            "type": "tool_call", "step": step, "id": call["id"], "name": name, "arguments": args,
+            "repeat": count, "executed": error is None, "refused": is_refused, "error": error,
+            "agent": self.name})
+        if error is None:
+            s.tool_calls += 1
+        return self._one_call(log, step, call, error, s), is_refused
 
     async def _one_call(
         self, log: Trace, step: int, call: dict[str, Any], error: str | None, s: ReplayState

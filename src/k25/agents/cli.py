@@ -51,8 +51,6 @@ class Progress:
             line = f"sub-agent {e['agent']} {e['status']} after {e['steps']} steps"
         elif kind == "compaction":
             line = f"context compacted ({e['summarised_messages']} messages summarised)"
-        elif kind == "run" and who:
-            who = who.split("/")[0]
         if line and not self.quiet:
             tag = (e.get("agent") or "swarm").split("/")[0]
             self.console.print(f"[dim]\\[{tag}][/dim] {line}  [dim](tool calls {self.tool_calls}, "
@@ -63,7 +61,7 @@ def _model(args: argparse.Namespace) -> ChatModel:
     thinking = {"on": True, "off": False}.get(args.thinking)
     return ChatModel(
         model=args.model or env_first(ENV_MODEL) or "kimi-k2.5", base_url=args.base_url, api_key=args.api_key,
-        thinking=thinking, thinking_style=args.thinking_style, max_retries=args.retries,
+        thinking=thinking, thinking_style=args.thinking_style, max_retries=args.retries, stream=args.stream,
     )
 
 
@@ -163,6 +161,8 @@ def _endpoint_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--thinking-style", choices=("both", "moonshot", "vllm"), default="both",
                    help="how to send --thinking: Moonshot's 'thinking' field, vLLM's chat_template_kwargs, or both")
     g.add_argument("--retries", type=int, default=4, help="retries per model call on 429/5xx/transport errors")
+    g.add_argument("--stream", action="store_true", help="stream replies; each tool starts as soon as its call "
+                                                         "has streamed in")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:

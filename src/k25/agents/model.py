@@ -9,6 +9,8 @@ is raised at once, since retrying cannot fix it.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import json
 import os
 import random
 from collections.abc import Callable
@@ -105,6 +107,20 @@ class RateLimited(ModelError):
 RETRYABLE = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError)
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP library's own errors (a stream can break with these mid-way): httpx, or httpx2 in newer SDKs."""
+    found: list[type[BaseException]] = []
+    for name in ("httpx", "httpx2"):
+        try:
+            found.append(importlib.import_module(name).HTTPError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+STREAM_ERRORS = (*RETRYABLE, *_transport_errors())
+
+
 @dataclass
 class ChatModel:
     """An endpoint plus model name and request options; ``complete`` is one assistant turn.
@@ -119,6 +135,8 @@ class ChatModel:
     api_key: str | None = None
     thinking: bool | None = None
     thinking_style: str = "both"  # moonshot | vllm | both
+    # Stream replies (SSE): the agent then starts each tool as soon as its call has streamed in.
+    stream: bool = False
     max_retries: int = 4
     backoff_base: float = 1.0
     backoff_max: float = 30.0
@@ -180,10 +198,21 @@ class ChatModel:
         return delay
 
     async def complete(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **options: Any
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        on_tool_call: Callable[[dict[str, Any]], None] | None = None,
+        **options: Any,
     ) -> ModelReply:
-        """One assistant turn for ``messages``; retried on transport errors, 429 and 5xx."""
+        """One assistant turn for ``messages``; retried on transport errors, 429 and 5xx.
+
+        When streaming, ``on_tool_call`` gets each tool call (with its final id) as soon as it has
+        streamed in completely; a stream that breaks after that is not retried (a tool has started).
+        """
         kwargs: dict[str, Any] = {"model": self.model, "messages": messages, **self.request_options, **options}
+        if self.stream:
+            kwargs["stream"] = True
+            kwargs["stream_options"] = {"include_usage": True}
         if tools:
             kwargs["tools"] = tools
         if self.max_completion_tokens:
@@ -193,10 +222,16 @@ class ChatModel:
             kwargs["extra_body"] = body
         attempt = 0
         while True:
+            acc = _StreamedReply(messages, on_tool_call) if self.stream else None
             try:
                 resp = await self.client.chat.completions.create(**kwargs)
+                if acc is not None:
+                    async for chunk in resp:
+                        acc.feed(chunk)
                 break
-            except RETRYABLE as e:
+            except STREAM_ERRORS as e:
+                if acc is not None and acc.emitted:
+                    raise ModelError(f"{self.base_url}: the stream broke after tools had started: {e}") from e
                 if isinstance(e, openai.RateLimitError) and self.on_rate_limit:
                     self.on_rate_limit()
                 if attempt >= self.max_retries:
@@ -207,11 +242,108 @@ class ChatModel:
                 attempt += 1
             except openai.APIStatusError as e:
                 raise ModelError(f"{self.base_url} answered {e.status_code}: {e.message}") from e
+            except openai.APIError as e:  # e.g. an error event in the middle of a stream
+                raise ModelError(f"{self.base_url}: {e}") from e
+        if acc is not None:
+            message, finish = acc.finish()
+            return ModelReply(message, Usage.from_api(acc.usage), finish, attempt + 1)
         if not resp.choices:
             raise ModelError(f"{self.base_url} returned no choices (an empty response)")
         choice = resp.choices[0]
         message = assistant_message(choice.message, messages)
         return ModelReply(message, Usage.from_api(resp.usage), choice.finish_reason, attempt + 1)
+
+
+class _CallIds:
+    """Final tool-call ids: the server's, unless missing or already used in the conversation."""
+
+    def __init__(self, history: list[dict[str, Any]]) -> None:
+        self.first = next_tool_call_index(history)
+        self.used = {c.get("id") for m in history for c in m.get("tool_calls") or []}
+
+    def fix(self, call_id: str | None, name: str, position: int) -> str:
+        if not call_id or call_id in self.used:  # results are matched by id: it must be unique
+            call_id = make_tool_call_id(name, self.first + position)
+            while call_id in self.used:
+                call_id += "_"
+        self.used.add(call_id)
+        return call_id
+
+
+def _complete_json_object(text: str) -> bool:
+    s = text.strip()
+    if not (s.startswith("{") and s.endswith("}")):
+        return False
+    try:
+        return isinstance(json.loads(s), dict)
+    except ValueError:
+        return False
+
+
+class _StreamedReply:
+    """Assembles a streamed reply; hands out each tool call the moment the next one begins."""
+
+    def __init__(self, history: list[dict[str, Any]], on_tool_call: Callable[[dict[str, Any]], None] | None):
+        self.ids = _CallIds(history)
+        self.on_tool_call = on_tool_call
+        self.content: list[str] = []
+        self.reasoning: list[str] | None = None
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.done: list[dict[str, Any]] = []
+        self.emitted = False
+        self.finish_reason: str | None = None
+        self.usage: Any = None
+
+    def feed(self, chunk: Any) -> None:
+        if getattr(chunk, "usage", None) is not None:
+            self.usage = chunk.usage
+        for choice in chunk.choices or []:
+            if getattr(choice, "usage", None):  # Moonshot may put usage on the choice
+                self.usage = choice.usage
+            delta = choice.delta
+            if delta is None:
+                continue
+            extra = delta.model_extra or {}
+            reasoning = extra.get("reasoning_content", extra.get("reasoning"))
+            if reasoning is not None:
+                self.reasoning = [*(self.reasoning or []), reasoning]
+            if delta.content:
+                self.content.append(delta.content)
+            for tc in delta.tool_calls or []:
+                if tc.index not in self.calls:
+                    for index in sorted(i for i in self.calls if i < tc.index and "final" not in self.calls[i]):
+                        self._complete(index)
+                    self.calls[tc.index] = {"id": None, "name": "", "arguments": ""}
+                slot = self.calls[tc.index]
+                slot["id"] = slot["id"] or tc.id
+                if tc.function is not None and "final" not in slot:
+                    slot["name"] += tc.function.name or ""
+                    slot["arguments"] += tc.function.arguments or ""
+                    if _complete_json_object(slot["arguments"]):  # nothing can follow a closed object
+                        self._complete(tc.index)
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
+
+    def _complete(self, index: int) -> None:
+        slot = self.calls[index]
+        call = {"id": self.ids.fix(slot["id"], slot["name"], len(self.done)), "type": "function",
+                "function": {"name": slot["name"], "arguments": slot["arguments"]}}
+        slot["final"] = call
+        self.done.append(call)
+        if self.on_tool_call is not None:
+            self.emitted = True
+            self.on_tool_call(call)
+
+    def finish(self) -> tuple[dict[str, Any], str | None]:
+        for index in sorted(self.calls):
+            if "final" not in self.calls[index]:
+                self._complete(index)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
+        if self.reasoning is not None or self.done:
+            message["reasoning_content"] = "".join(self.reasoning or [])
+        if self.done:
+            message["tool_calls"] = self.done
+        return message, self.finish_reason
 
 
 def assistant_message(msg: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -231,19 +363,12 @@ def assistant_message(msg: Any, history: list[dict[str, Any]]) -> dict[str, Any]
         # Preserved-thinking backends want reasoning_content on every tool-call turn, even empty.
         out["reasoning_content"] = reasoning or ""
     if calls:
-        index = next_tool_call_index(history)
-        used = {c.get("id") for m in history for c in m.get("tool_calls") or []}
+        ids = _CallIds(history)
         fixed = []
         for i, c in enumerate(calls):
             fn = c.get("function") or {}
             name = fn.get("name") or ""
-            call_id = c.get("id")
-            if not call_id or call_id in used:  # results are matched by id: it must be unique
-                call_id = make_tool_call_id(name, index + i)
-                while call_id in used:
-                    call_id += "_"
-            used.add(call_id)
-            fixed.append({"id": call_id, "type": "function",
+            fixed.append({"id": ids.fix(c.get("id"), name, i), "type": "function",
                           "function": {"name": name, "arguments": fn.get("arguments") or ""}})
         out["tool_calls"] = fixed
     return out

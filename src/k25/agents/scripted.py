@@ -1,10 +1,11 @@
 """A scripted OpenAI-compatible server on 127.0.0.1, for tests and the offline benchmark.
 
-It speaks ``POST /v1/chat/completions`` and ``GET /v1/models`` (FastAPI + uvicorn in a background
-thread), so agents are driven through the real ``openai`` client and real HTTP. Replies come from
-a list (one per request, in order) or from a function of the request body (a policy that reads
-the conversation, as a model would). Replies can be tool calls, answers, 429s or 5xx errors, with
-simulated latency. Tool-call ids follow vLLM's Kimi numbering, ``functions.NAME:IDX``.
+It speaks ``POST /v1/chat/completions`` (JSON, or SSE chunks with ``stream``) and
+``GET /v1/models`` (FastAPI + uvicorn in a background thread), so agents are driven through the
+real ``openai`` client and real HTTP. Replies come from a list (one per request, in order) or from
+a function of the request body (a policy that reads the conversation, as a model would). Replies
+can be tool calls, answers, 429s or 5xx errors, with simulated latency. Tool-call ids follow
+vLLM's Kimi numbering, ``functions.NAME:IDX``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from k25.chat.parsers import make_tool_call_id, next_tool_call_index
 
@@ -36,6 +37,8 @@ class Reply:
     retry_after: float | None = None
     delay: float = 0.0
     usage: dict[str, int] | None = None
+    # Streaming only: seconds between one tool call's chunks and the next call's.
+    stream_gap: float = 0.0
 
 
 def say(content: str, reasoning: str | None = None, delay: float = 0.0) -> Reply:
@@ -49,9 +52,10 @@ def call(name: str, arguments: Any = None, reasoning: str | None = None, content
     return Reply(content=content, reasoning=reasoning, tool_calls=[(name, arguments or {})], delay=delay)
 
 
-def calls(items: Sequence[tuple[str, Any]], reasoning: str | None = None, delay: float = 0.0) -> Reply:
+def calls(items: Sequence[tuple[str, Any]], reasoning: str | None = None, delay: float = 0.0,
+          stream_gap: float = 0.0) -> Reply:
     """Several tool calls in one turn."""
-    return Reply(reasoning=reasoning, tool_calls=list(items), delay=delay)
+    return Reply(reasoning=reasoning, tool_calls=list(items), delay=delay, stream_gap=stream_gap)
 
 
 def rate_limited(retry_after: float | None = None) -> Reply:
@@ -86,6 +90,8 @@ class ScriptedServer:
         self.port: int | None = None
         self.active = 0
         self.max_active = 0
+        # (what, monotonic time) for every streamed tool call sent: lets tests order events.
+        self.sent: list[tuple[str, float]] = []
 
     @property
     def base_url(self) -> str:
@@ -136,9 +142,41 @@ class ScriptedServer:
                 err = {"error": {"message": reply.error, "type": "rate_limit_error" if reply.status == 429
                                  else "server_error", "code": reply.status}}
                 return JSONResponse(err, status_code=reply.status, headers=headers)
-            return completion(body, reply, self.model)
+            data = completion(body, reply, self.model)
+            if body.get("stream"):
+                return StreamingResponse(self._sse(data, reply, body), media_type="text/event-stream")
+            return data
 
         return app
+
+    async def _sse(self, data: dict[str, Any], reply: Reply, body: dict[str, Any]) -> Any:
+        """The completion as ``chat.completion.chunk`` events: reasoning, content, then each tool
+        call (id and name first, arguments in two pieces), finish, usage (if asked), [DONE]."""
+        base = {"id": data["id"], "object": "chat.completion.chunk", "created": data["created"], "model": data["model"]}
+
+        def event(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        message = data["choices"][0]["message"]
+        yield event({"role": "assistant", "content": ""})
+        if message.get("reasoning_content"):
+            yield event({"reasoning_content": message["reasoning_content"]})
+        if message.get("content"):
+            yield event({"content": message["content"]})
+        for i, c in enumerate(message.get("tool_calls") or []):
+            if i and reply.stream_gap:
+                await asyncio.sleep(reply.stream_gap)
+            args = c["function"]["arguments"]
+            half = len(args) // 2
+            self.sent.append((f"call {i}", time.monotonic()))
+            yield event({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
+                                         "function": {"name": c["function"]["name"], "arguments": args[:half]}}]})
+            yield event({"tool_calls": [{"index": i, "function": {"arguments": args[half:]}}]})
+        yield event({}, data["choices"][0]["finish_reason"])
+        if (body.get("stream_options") or {}).get("include_usage"):
+            yield f"data: {json.dumps({**base, 'choices': [], 'usage': data['usage']})}\n\n"
+        yield "data: [DONE]\n\n"
 
     def __enter__(self) -> ScriptedServer:
         import uvicorn

@@ -97,6 +97,8 @@ class ReplayState:
     open_step: tuple[int, dict[str, Any], dict[str, dict[str, Any]]] | None = None
     # tool_call events by (step, call id): a resumed step does not count or log them twice.
     issued: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
+    # Results of streamed calls whose reply never got recorded (the run died mid-stream).
+    early: dict[tuple[int, str], dict[str, Any]] = field(default_factory=dict)
     events: int = 0
 
 
@@ -117,6 +119,7 @@ def tool_message(call_id: str, content: str) -> dict[str, Any]:
 def replay(events: list[dict[str, Any]]) -> ReplayState:
     """Fold events into the state the agent loop had when the last event was written."""
     s = ReplayState(events=len(events))
+    early = s.early
 
     def close_open_step() -> None:
         if s.open_step is None:
@@ -142,7 +145,10 @@ def replay(events: list[dict[str, Any]]) -> ReplayState:
             s.last_usage = u
             s.messages.append(e["message"])
             if e["message"].get("tool_calls"):
-                s.open_step = (e["step"], e["message"], {})
+                got = {c["id"]: early.pop((e["step"], c["id"])) for c in e["message"]["tool_calls"]
+                       if (e["step"], c["id"]) in early}
+                s.open_step = (e["step"], e["message"], got)
+                close_open_step()
         elif kind == "tool_call":
             s.tool_calls += 1 if e.get("executed", True) else 0
             s.repeats[call_key(e["name"], e.get("arguments"))] = e.get("repeat", 1)
@@ -155,6 +161,8 @@ def replay(events: list[dict[str, Any]]) -> ReplayState:
             if s.open_step is not None and s.open_step[0] == e["step"]:
                 s.open_step[2][e["id"]] = e
                 close_open_step()
+            else:  # a streamed call finished before its reply was complete
+                early[(e["step"], e["id"])] = e
         elif kind == "tool_round":
             s.refused_streak = e.get("refused_streak", 0)
         elif kind == "compaction":
