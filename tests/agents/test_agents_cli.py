@@ -64,7 +64,7 @@ def test_swarm_command(serve, tmp_path, capsys):
     data = json.loads(out.out)
     assert data["answer"] == "orchestrator: hi from w"
     assert data["critical_steps"] == 3 + 1 and data["subagents"] == 1 and data["tasks"] == 1
-    assert "sub-agent w starts task" in out.err
+    assert "sub-agent w#1 starts: say hi" in out.err and "[w#1] step 1: answers" in out.err
 
 
 def test_agent_bench_command(capsys):

@@ -178,7 +178,7 @@ class Agent:
             s.usage.add(reply.usage)
             s.last_usage = reply.usage
             log.write({"type": "response", "step": step, "message": reply.message, "usage": reply.usage.to_dict(),
-                       "finish_reason": reply.finish_reason, "attempts": reply.attempts})
+                       "finish_reason": reply.finish_reason, "attempts": reply.attempts, "agent": self.name})
             s.messages.append(reply.message)
             if not reply.message.get("tool_calls"):
                 return self._finish(s, log, "answer", reply.message.get("content") or "")

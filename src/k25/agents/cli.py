@@ -24,11 +24,12 @@ class Progress:
     def __init__(self, quiet: bool = False) -> None:
         from rich.console import Console
 
-        self.console = Console(stderr=True, highlight=False)
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
         self.quiet = quiet
         self.tool_calls = 0
         self.running: set[str] = set()
         self.steps: dict[str, int] = {}
+        self.labels: dict[str, str] = {}
 
     def __call__(self, e: dict[str, Any]) -> None:
         kind = e.get("type")
@@ -45,16 +46,28 @@ class Progress:
             line = f"{e['name']} failed: {str(e['content'])[:120]}"
         elif kind == "task_start":
             self.running.add(e["task_id"])
-            line = f"sub-agent {e['agent']} starts task {e['task_id']}"
+            label = self._label(f"{e['agent']}/{e['task_id']}")
+            line = f"sub-agent {label} starts: {e['prompt'][:80]}"
         elif kind == "task_end":
             self.running.discard(e["task_id"])
-            line = f"sub-agent {e['agent']} {e['status']} after {e['steps']} steps"
+            label = self._label(f"{e['agent']}/{e['task_id']}")
+            line = f"sub-agent {label} {e['status']} after {e['steps']} steps"
         elif kind == "compaction":
             line = f"context compacted ({e['summarised_messages']} messages summarised)"
         if line and not self.quiet:
-            tag = (e.get("agent") or "swarm").split("/")[0]
+            tag = "swarm" if kind in ("task_start", "task_end") else self._label(e.get("agent") or "agent")
             self.console.print(f"[dim]\\[{tag}][/dim] {line}  [dim](tool calls {self.tool_calls}, "
                                f"sub-agents running {len(self.running)})[/dim]")
+
+
+    def _label(self, name: str) -> str:
+        """Sub-agent runs are named ``agent/task-id``; show them as ``agent#N`` in order of appearance."""
+        if "/" not in name:
+            return name
+        if name not in self.labels:
+            base = name.split("/")[0]
+            self.labels[name] = f"{base}#{sum(1 for v in self.labels.values() if v.startswith(base + '#')) + 1}"
+        return self.labels[name]
 
 
 def _model(args: argparse.Namespace) -> ChatModel:
