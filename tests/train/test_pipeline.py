@@ -248,34 +248,53 @@ def test_cli_reports_bad_data(tmp_path, capsys):
 # ---- more than one process -----------------------------------------------------------------------
 
 
-def test_two_gloo_processes_equal_single_process_training(tmp_path, corpus):
-    """torchrun, 2 CPU ranks (data parallel, gloo) == 1 process with twice the accumulation."""
-    args = ["train", "pretrain", str(corpus), "--override", "num_hidden_layers=2", "--override",
-            "n_routed_experts=4", "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--lr", "3e-3",
-            "--eval-every", "3", "--eval-batches", "1", "--no-progress", "--qk-clip-tau", "0.05",
-            "--ns-dtype", "float32"]
+def _torchrun(args: list[str], timeout: int = 300) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "k25.cli", *args, "--out", str(tmp_path / "ddp")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "k25.cli", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
         proc.communicate()
         raise
     assert proc.returncode == 0, err[-3000:]
+
+
+GLOO_ARGS = ["train", "pretrain", "--override", "num_hidden_layers=2", "--override", "n_routed_experts=4",
+             "--steps", "3", "--seq-len", "32", "--batch-size", "2", "--lr", "3e-3", "--eval-every", "3",
+             "--eval-batches", "1", "--no-progress", "--qk-clip-tau", "0.05", "--ns-dtype", "float32"]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_single_process_training(tmp_path, corpus, parallel):
+    """torchrun, 2 CPU ranks (gloo), replicated or FSDP2-sharded == 1 process with twice the accumulation.
+
+    Covers Muon on sharded parameters (gathered matrices, expert stacks orthogonalised in place) and
+    QK-Clip on sharded q/kv weights with the maxima all-reduced across ranks.
+    """
+    args = [*GLOO_ARGS[:2], str(corpus), *GLOO_ARGS[2:]]
+    _torchrun([*args, "--out", str(tmp_path / "multi"), "--parallel", parallel])
     assert main([*args, "--out", str(tmp_path / "single"), "--grad-accum", "2"]) == 0
-    ddp, single = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
-    assert len(ddp) == len(single) == 3
-    assert any(r["clipped_heads"] for r in single)  # QK-Clip ran, with maxima all-reduced across ranks
-    for a, b in zip(ddp, single, strict=True):
+    multi, single = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
+    assert len(multi) == len(single) == 3
+    assert any(r["clipped_heads"] for r in single)
+    for a, b in zip(multi, single, strict=True):
         assert a["tokens"] == b["tokens"] and a["clipped_heads"] == b["clipped_heads"]
-        for k in ("loss", "grad_norm", "max_logit", "eval_loss"):
+        for k in ("loss", "grad_norm", "max_logit", "eval_loss", "update_rms"):
             if b.get(k) is not None:
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
-    wa = k25.load(tmp_path / "ddp" / "checkpoints" / "step-00000003").state_dict()
+    wa = k25.load(tmp_path / "multi" / "checkpoints" / "step-00000003").state_dict()
     wb = k25.load(tmp_path / "single" / "checkpoints" / "step-00000003").state_dict()
     for n, x in wa.items():
         torch.testing.assert_close(x, wb[n], rtol=1e-4, atol=2e-6, msg=n)
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_and_resumed_reproduces_the_curve(tmp_path, corpus):
+    args = [*GLOO_ARGS[:2], str(corpus), *GLOO_ARGS[2:], "--steps", "4", "--save-every", "2", "--parallel", "fsdp"]
+    _torchrun([*args, "--out", str(tmp_path / "full")])
+    _torchrun([*args, "--out", str(tmp_path / "cut"), "--stop-after", "3"])
+    _torchrun([*args, "--out", str(tmp_path / "cut")])
+    assert _curve(tmp_path / "cut") == _curve(tmp_path / "full")

@@ -51,6 +51,8 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--bias-update-rate", type=float, default=1e-3, help="MoE correction-bias step (0: off)")
     p.add_argument("--seq-aux-alpha", type=float, default=0.0, help="sequence-wise balance loss weight")
     p.add_argument("--amp", choices=["none", "bf16"], default="none", help="CPU autocast precision")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                   help="under torchrun: replicated data parallel, or FSDP2-sharded parameters and optimizer state")
     p.add_argument("--eval-data", nargs="*", default=[], help="held-out files (default: split off the data)")
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--eval-every", type=int, default=50)
@@ -74,7 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         steps=args.steps, optimizer=args.optimizer, ns_dtype=args.ns_dtype, lr=args.lr, weight_decay=args.weight_decay,
         warmup_steps=args.warmup_steps, schedule=args.schedule, min_lr_ratio=args.min_lr_ratio,
         decay_fraction=args.decay_fraction, grad_clip=args.grad_clip, qk_clip_tau=args.qk_clip_tau,
-        bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha, amp=args.amp,
+        bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha, amp=args.amp, parallel=args.parallel,
         eval_data=args.eval_data, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
         eval_batches=args.eval_batches, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         seed=args.seed, thinking=not getattr(args, "instant", False), progress=not args.no_progress,

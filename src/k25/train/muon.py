@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.adam import adam as adam_functional
 
 from ..model.attention import MLAttention
@@ -96,6 +97,19 @@ class ClipStats:
         return sum(v.numel() for v in self.max_logits.values())
 
 
+def _scale_rows(weight: torch.Tensor, factor: torch.Tensor) -> None:
+    """``weight[r] *= factor[r]`` in place, for a plain tensor or an FSDP2 row-sharded DTensor."""
+    if isinstance(weight, DTensor):
+        if any(not (pl.is_replicate() or (pl.is_shard() and pl.dim == 0)) for pl in weight.placements):
+            raise NotImplementedError(f"QK-Clip on a DTensor needs row (Shard(0)) or replicated placement, "
+                                      f"got {weight.placements}")
+        factor = distribute_tensor(factor.view(-1, 1).to(weight.dtype), weight.device_mesh, weight.placements,
+                                   src_data_rank=None)
+        weight.mul_(factor)
+    else:
+        weight.mul_(factor.view(-1, 1).to(weight.dtype))
+
+
 @torch.no_grad()
 def qk_clip_layer(attn: MLAttention, max_logits: torch.Tensor, tau: float, alpha: float = 0.5) -> list[int]:
     """Rescale one MLA layer's heads whose max logit exceeds ``tau``; returns the clipped heads.
@@ -112,15 +126,16 @@ def qk_clip_layer(attn: MLAttention, max_logits: torch.Tensor, tau: float, alpha
     over = max_logits > tau
     if not bool(over.any()):
         return []
-    gamma = torch.where(over, tau / max_logits, torch.ones_like(max_logits))
+    gamma = torch.where(over, tau / max_logits, torch.ones_like(max_logits)).float()
+    g_q = gamma.sqrt() if alpha == 0.5 else gamma.pow(alpha)
+    g_k = gamma.sqrt() if alpha == 0.5 else gamma.pow(1 - alpha)
     dn, dr, dv = attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
+    ones = torch.ones(attn.num_heads, 1)
+    q_rows = torch.cat([g_q[:, None] * ones.expand(-1, dn), gamma[:, None] * ones.expand(-1, dr)], dim=1)
+    kv_rows = torch.cat([g_k[:, None] * ones.expand(-1, dn), ones.expand(-1, dv)], dim=1)
     q_weight = attn.q_proj.weight if attn.q_lora_rank is None else attn.q_b_proj.weight
-    q = q_weight.view(attn.num_heads, dn + dr, -1)
-    g = gamma.to(q.dtype)[:, None, None]
-    q[:, :dn].mul_(g.pow(alpha) if alpha != 0.5 else g.sqrt())
-    q[:, dn:].mul_(g)
-    kv = attn.kv_b_proj.weight.view(attn.num_heads, dn + dv, -1)
-    kv[:, :dn].mul_(g.pow(1 - alpha) if alpha != 0.5 else g.sqrt())
+    _scale_rows(q_weight, q_rows.flatten())  # per head: nope rows × γ^α, rope rows × γ
+    _scale_rows(attn.kv_b_proj.weight, kv_rows.flatten())  # per head: k_nope rows × γ^(1-α), v rows × 1
     return over.nonzero().flatten().tolist()
 
 
@@ -200,6 +215,7 @@ class MuonClip(torch.optim.Optimizer):
         self.qk_clip_alpha = qk_clip_alpha
         self.last_clip = ClipStats()
         self.last_update_rms: float = float("nan")
+        self._sharded_stats = torch.zeros(2, dtype=torch.float64)
         for attn in self.attention:
             attn.record_max_logits = True
 
@@ -211,12 +227,16 @@ class MuonClip(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         sq_sum, count = 0.0, 0
+        self._sharded_stats = torch.zeros(2, dtype=torch.float64)
         for group in self.param_groups:
             if group["use_muon"]:
                 s, n = self._muon_group(group)
                 sq_sum, count = sq_sum + s, count + n
             else:
                 self._adamw_group(group)
+        if self._sharded_stats[1] > 0:
+            dist.all_reduce(self._sharded_stats)
+            sq_sum, count = sq_sum + float(self._sharded_stats[0]), count + int(self._sharded_stats[1])
         self.last_update_rms = math.sqrt(sq_sum / count) if count else float("nan")
         self.clip()
         return loss
@@ -237,13 +257,38 @@ class MuonClip(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)
             update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-            ortho = newton_schulz(update, group["ns_steps"], dtype=self.ns_dtype)
             scale = muon_lr_scale(p.shape)
-            sq_sum += float(ortho.float().pow(2).sum()) * scale**2
-            count += ortho.numel()
+            if isinstance(update, DTensor):
+                ortho, local = self._orthogonalise_sharded(update, group["ns_steps"])
+                if local:  # each rank saw only its own experts: sum the statistic over ranks below
+                    s = float(ortho.to_local().float().pow(2).sum()) * scale**2
+                    self._sharded_stats += torch.tensor([s, ortho.to_local().numel()], dtype=torch.float64)
+                else:
+                    sq_sum += float(ortho.full_tensor().float().pow(2).sum()) * scale**2
+                    count += ortho.numel()
+            else:
+                ortho = newton_schulz(update, group["ns_steps"], dtype=self.ns_dtype)
+                sq_sum += float(ortho.float().pow(2).sum()) * scale**2
+                count += ortho.numel()
             p.mul_(1 - lr * wd)
             p.add_(ortho.to(p.dtype), alpha=-lr * scale)
         return sq_sum, count
+
+    def _orthogonalise_sharded(self, update: DTensor, steps: int) -> tuple[DTensor, bool]:
+        """Newton–Schulz of an FSDP2-sharded update; returns (update with the same placements, local?).
+
+        A stack of expert matrices sharded along the expert dim is orthogonalised where it lies
+        (each rank holds whole matrices: no communication). Any other matrix is gathered in full
+        (Moonlight's distributed Muon: gather the momentum, NS, keep the local part), so the result
+        equals single-process Muon.
+        """
+        placements = update.placements
+        if update.ndim == 3 and all(pl.is_shard() and pl.dim == 0 for pl in placements):
+            local = newton_schulz(update.to_local(), steps, dtype=self.ns_dtype)
+            return DTensor.from_local(local, update.device_mesh, placements, shape=update.shape,
+                                      stride=update.stride()), True
+        full = newton_schulz(update.full_tensor(), steps, dtype=self.ns_dtype)
+        return distribute_tensor(full, update.device_mesh, placements, src_data_rank=None), False
 
     def _adamw_group(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

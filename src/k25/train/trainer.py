@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..chat.template import write_chat_template
 from ..chat.tokenizer import KimiTokenizer
@@ -74,6 +75,7 @@ class TrainConfig:
     bias_update_rate: float = 1e-3
     seq_aux_alpha: float = 0.0
     amp: str = "none"  # none | bf16 (CPU autocast)
+    parallel: str = "ddp"  # with several processes: ddp (replicated, grads all-reduced) | fsdp (FSDP2 sharded)
     eval_data: list[str] = field(default_factory=list)
     eval_fraction: float = 0.05
     eval_every: int = 50
@@ -128,6 +130,8 @@ class Trainer:
             raise TrainError(f"task {cfg.task!r}: expected 'pretrain' or 'sft'")
         if cfg.ns_dtype not in NS_DTYPES:
             raise TrainError(f"ns_dtype {cfg.ns_dtype!r}: expected one of {', '.join(NS_DTYPES)}")
+        if cfg.parallel not in ("ddp", "fsdp"):
+            raise TrainError(f"parallel {cfg.parallel!r}: expected 'ddp' or 'fsdp'")
         if cfg.amp not in ("none", "bf16"):
             raise TrainError(f"amp {cfg.amp!r}: expected 'none' or 'bf16'")
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
@@ -143,6 +147,9 @@ class Trainer:
         self.model, self.config = self._build_model()
         self.tokenizer = self._build_tokenizer()
         self.train_set, self.eval_set = self._build_data()
+        self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
+        if self.fsdp:
+            self._shard_model()
         self.optimizer: MuonClip = build_optimizer(
             self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, qk_clip_tau=cfg.qk_clip_tau,
             ns_dtype=NS_DTYPES[cfg.ns_dtype],
@@ -200,6 +207,24 @@ class Trainer:
             return data, SFTDataset.from_jsonl(cfg.eval_data, self.tokenizer, cfg.seq_len, cfg.thinking)
         return data.split(cfg.eval_fraction)
 
+    def _shard_model(self) -> None:
+        """FSDP2: shard every decoder layer and the root over all ranks (parameters become DTensors).
+
+        Gradients are reduce-scattered as sums (divide factor 1): the loss is already normalised by
+        the global token count, exactly as in the data-parallel path.
+        """
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (self.world,))
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+        for m in self.model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
     def _barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -250,11 +275,14 @@ class Trainer:
             loss.backward()
             loss_sum += (token_loss.detach() * mask.flatten()).sum().double()
         if self.world > 1:
-            self._all_reduce_grads()
+            if not self.fsdp:  # FSDP2 has already reduce-scattered the gradient shards
+                self._all_reduce_grads()
             dist.all_reduce(loss_sum)
             dist.all_reduce(aux_sum)
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"step {self.step}: gradient norm is {float(grad_norm)}")
         opt.step()
@@ -312,14 +340,28 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-N`` atomically (rank 0), then point ``latest`` at it."""
         final = self.checkpoint_path(self.step)
+        model, optim_state = self.model, None
+        if self.fsdp:  # gather full tensors (a collective: every rank takes part)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = get_model_state_dict(self.model, options=opts)
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+            if self.rank == 0:
+                model = build_model(self.config, dtype=torch.float32, seed=None, vision=False)
+                model.load_state_dict(full)
         if self.rank == 0:
             tmp = final.with_name(final.name + ".tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            save_model(self.model, self.config, tmp)
+            save_model(model, self.config, tmp)
             self.tokenizer.save_pretrained(tmp)
             write_chat_template(tmp)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optim_state if self.fsdp else self.optimizer.state_dict(), tmp / "optimizer.pt")
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
                      "train_config": self.cfg.to_json()}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -359,8 +401,20 @@ class Trainer:
         if state["world_size"] != self.world:
             raise TrainError(f"cannot resume from {path}: written with {state['world_size']} ranks, now {self.world}")
         loaded = text_model(load_model(path, dtype=torch.float32, vision=False))
-        self.model.load_state_dict(loaded.state_dict())
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        optim_state = torch.load(path / "optimizer.pt", weights_only=False)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, loaded.state_dict(), options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=opts)
+        else:
+            self.model.load_state_dict(loaded.state_dict())
+            self.optimizer.load_state_dict(optim_state)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
 
     # ---- the loop ---------------------------------------------------------------------------
