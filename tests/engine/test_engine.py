@@ -232,7 +232,7 @@ def test_cache_bytes_per_token_formula(model, dtype, size):
     eng = LLMEngine(model, EngineConfig(block_size=4, num_blocks=8, cache_dtype=dtype))
     per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * size * cfg.num_hidden_layers
     assert eng.pool.bytes_per_token == per_token
-    assert eng.pool.nbytes() == per_token * 8 * 4
+    assert eng.pool.nbytes() == per_token * (8 * 4 + 1)  # blocks plus one scratch row
     k25 = preset("kimi-k2.5").text_config
     pool = LatentPool(k25.num_hidden_layers, 1, 1, k25.kv_lora_rank, k25.qk_rope_head_dim, dtype=torch.bfloat16)
     assert pool.bytes_per_token == 70_272  # 61 x (512 + 64) x 2 B
@@ -256,3 +256,15 @@ def test_block_manager_chained_hashes_and_reuse():
     fresh = bm.allocate(4)  # reuses never-used blocks first, then the least recently freed (a[2])
     assert set(fresh) == set(range(6)) - set(a[:2])
     assert bm.match_prefix([1, 2, 3, 4, 5, 6], 6) == a[:2]  # a[2] was overwritten, so it no longer matches
+
+
+def test_prompt_chunks_of_several_requests_share_one_forward(model, references):
+    prompts, refs = references
+    eng = _engine(model, max_num_batched_tokens=64)
+    ids = [eng.add_request(p, GREEDY) for p in prompts]
+    eng.step()
+    assert eng.stats["prompt_tokens"] + eng.stats["decode_tokens"] == 64  # the whole budget, 6 requests
+    assert eng.stats["forwards"] <= 3  # padded into a few forwards, not one per request
+    while eng.has_unfinished():
+        eng.step()
+    assert [eng.output(i).output_ids for i in ids] == refs

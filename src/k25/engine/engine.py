@@ -178,10 +178,9 @@ class LLMEngine:
         if decodes:
             logits = self._forward_decode(decodes)
             ready += [(s, logits[i]) for i, s in enumerate(decodes) if s.num_pending == 0]
-        for seq, n in chunks:
-            logits = self._forward_chunk(seq, n)
-            if seq.num_pending == 0:
-                ready.append((seq, logits))
+        for group in _pack(chunks):
+            logits = self._forward_prefill(group)
+            ready += [(s, logits[i]) for i, (s, _) in enumerate(group) if s.num_pending == 0]
         return self._sample(ready)
 
     def _set_attention(self, impl: str) -> None:
@@ -218,18 +217,39 @@ class LLMEngine:
             self.scheduler.advance(s, 1)
         return logits[:, -1]
 
-    def _forward_chunk(self, seq: Sequence, n: int) -> torch.Tensor:
-        """The next `n` prompt tokens of one sequence, over its cached prefix."""
-        c = seq.num_computed
-        slots = self._slots(seq, 0, c + n)
-        tokens = seq.token_ids[c : c + n]
+    def _forward_prefill(self, chunks: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Prompt chunks of several sequences in one forward (weights read once); last-position logits [B, V].
+
+        Row i is laid out right-aligned: keys `[pad][cached c_i][pad][new n_i]` over `max c + max n`
+        columns, queries `[pad][new n_i]`; the attention mask hides the padding, which reads and
+        writes the pool's scratch slot. A single chunk needs no padding and no mask.
+        """
+        past = max(s.num_computed for s, _ in chunks)
+        t = max(n for _, n in chunks)
+        b = len(chunks)
+        scratch = self.pool.scratch
+        past_slots = torch.full((b, past), scratch, dtype=torch.long)
+        new_slots = torch.full((b, t), scratch, dtype=torch.long)
+        ids = torch.zeros(b, t, dtype=torch.long)
+        pos = torch.zeros(b, t, dtype=torch.long)
+        mask = torch.zeros(b, past + t, dtype=torch.long)
+        for i, (seq, n) in enumerate(chunks):
+            c = seq.num_computed
+            slots = self._slots(seq, 0, c + n)
+            past_slots[i, past - c :] = slots[:c]
+            new_slots[i, t - n :] = slots[c:]
+            ids[i, t - n :] = torch.tensor(seq.token_ids[c : c + n])
+            pos[i, t - n :] = torch.arange(c, c + n)
+            mask[i, past - c : past] = 1
+            mask[i, past + t - n :] = 1
         self._set_attention(self.config.prefill_attention)
-        logits = self.model(torch.tensor([tokens]), position_ids=torch.arange(c, c + n)[None],
-                            cache=PagedLatentView(self.pool, slots[None, :c], slots[None, c:]), logits_to_keep=1)
+        logits = self.model(ids, position_ids=pos, attention_mask=None if bool(mask.all()) else mask,
+                            cache=PagedLatentView(self.pool, past_slots, new_slots), logits_to_keep=1)
         self.stats["forwards"] += 1
-        self.stats["prompt_tokens"] += n
-        self.scheduler.advance(seq, n)
-        return logits[0, -1]
+        for seq, n in chunks:
+            self.stats["prompt_tokens"] += n
+            self.scheduler.advance(seq, n)
+        return logits[:, -1]
 
     def _sample(self, ready: list[tuple[Sequence, torch.Tensor]]) -> list[RequestOutput]:
         if not ready:
@@ -296,6 +316,21 @@ class LLMEngine:
     def cache_usage(self) -> dict[str, int]:
         return {"blocks": len(self.blocks.blocks), "free_blocks": self.blocks.num_free,
                 "bytes": self.pool.nbytes(), "bytes_per_token": self.pool.bytes_per_token}
+
+
+def _pack(chunks: list[tuple[Sequence, int]], waste: float = 1.5) -> list[list[tuple[Sequence, int]]]:
+    """Group prompt chunks into forwards, longest first, while padding stays under `waste`× the real tokens."""
+    groups: list[list[tuple[Sequence, int]]] = []
+    for item in sorted(chunks, key=lambda sn: -sn[1]):
+        g = groups[-1] if groups else None
+        if g is not None:
+            real = sum(n for _, n in g) + item[1]
+            padded = (len(g) + 1) * g[0][1] + (len(g) + 1) * max(s.num_computed for s, _ in [*g, item])
+            if padded <= waste * (real + sum(s.num_computed for s, _ in [*g, item])):
+                g.append(item)
+                continue
+        groups.append([item])
+    return groups
 
 
 def _text_model(model: torch.nn.Module) -> K25ForCausalLM:

@@ -131,7 +131,9 @@ class LatentPool:
         self.rope_dim = rope_dim
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.rows = torch.zeros(num_layers, num_blocks * block_size, kv_lora_rank + rope_dim, dtype=dtype,
+        # one extra row after the blocks: a scratch slot that padding positions write to and read from
+        self.scratch = num_blocks * block_size
+        self.rows = torch.zeros(num_layers, num_blocks * block_size + 1, kv_lora_rank + rope_dim, dtype=dtype,
                                 device=device)
 
     @property
@@ -141,6 +143,7 @@ class LatentPool:
         return layers * width * self.rows.element_size()
 
     def nbytes(self) -> int:
+        """Bytes held: `bytes_per_token` × (num_blocks × block_size + 1 scratch row)."""
         return self.rows.numel() * self.rows.element_size()
 
 
@@ -152,9 +155,10 @@ def slots_of(block_table: Sequence[int], start: int, stop: int, block_size: int)
 class PagedLatentView:
     """One forward's window onto the pool (satisfies `LatentCache`).
 
-    Row b has `past_slots[b]` already cached (right-aligned in a common length `past`, pad
-    slots point anywhere and must be masked by the caller) and writes its `T` new rows to
-    `new_slots[b]`. `update` returns `[B, past + T, ...]`: the gathered context then the new rows.
+    Row b has `past_slots[b]` already cached (right-aligned in a common length `past`) and writes
+    its `T` new rows to `new_slots[b]` (right-aligned too). Padding positions use the pool's
+    scratch slot and must be masked by the caller. `update` returns `[B, past + T, ...]`: the
+    gathered context then the new rows.
     """
 
     def __init__(self, pool: LatentPool, past_slots: torch.Tensor, new_slots: torch.Tensor) -> None:
