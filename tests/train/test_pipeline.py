@@ -298,3 +298,11 @@ def test_fsdp_run_killed_and_resumed_reproduces_the_curve(tmp_path, corpus):
     _torchrun([*args, "--out", str(tmp_path / "cut"), "--stop-after", "3"])
     _torchrun([*args, "--out", str(tmp_path / "cut")])
     assert _curve(tmp_path / "cut") == _curve(tmp_path / "full")
+
+
+def test_bf16_autocast_step(tmp_path, corpus):
+    """Mixed precision on CPU: bf16 autocast forward, fp32 master weights and optimizer."""
+    trainer = Trainer(_cfg(tmp_path, corpus, amp="bf16"))
+    record = trainer.train_step()
+    assert math.isfinite(record["loss"]) and record["loss"] == pytest.approx(math.log(512), rel=0.1)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

@@ -77,7 +77,8 @@ def run_all(commands: dict[str, list[str]], jobs: int = 2) -> None:
         while pending and len(running) < jobs:
             name, cmd = pending.pop(0)
             argv = [sys.executable, "-m", "k25.cli", *cmd[1:]]
-            log = open(Path(cmd[cmd.index("--out") + 1]).with_suffix(".log"), "w")  # noqa: SIM115
+            out = Path(cmd[cmd.index("--out") + 1])
+            log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115
             running.append((name, subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)))
             print(f"started {name}", flush=True)
         time.sleep(2)
@@ -188,10 +189,12 @@ def efficiency_experiment(out: Path, steps: int = 300, muon_lrs: tuple[float, ..
 
 def step_cost(preset_name: str = "bench", batch: int = 1, seq_len: int = 256, repeats: int = 3,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Wall time of a full training step (forward, backward, optimizer) with MuonClip vs AdamW.
+    """Cost of a MuonClip step against an AdamW step, from measured parts.
 
-    Same model, same batch; the optimizer-only time is reported too. The median of ``repeats``
-    steps after one warm-up step.
+    Forward+backward time does not depend on the optimizer; the optimizer step does not depend on
+    the batch. Both are timed (median of ``repeats`` after a warm-up) on the same model, and the
+    full-step ratio ``(fb + opt_muon) / (fb + opt_adamw)`` is reported at the measured batch and,
+    scaling fb linearly in tokens, the tokens per step from which it is at most 1.3.
     """
     from ..checkpoint import build_model
     from ..config import preset
@@ -201,30 +204,41 @@ def step_cost(preset_name: str = "bench", batch: int = 1, seq_len: int = 256, re
     config.vision_config = None
     if overrides:
         config = config.replace_text(**overrides)
-    result: dict[str, Any] = {"preset": preset_name, "batch": batch, "seq_len": seq_len,
-                              "threads": torch.get_num_threads()}
+    model = build_model(config, dtype=torch.float32, seed=0, vision=False).train()
     ids = torch.randint(0, config.text_config.vocab_size - 300, (batch, seq_len + 1),
                         generator=torch.Generator().manual_seed(0))
-    for name in ("adamw", "muonclip"):
-        model = build_model(config, dtype=torch.float32, seed=0, vision=False).train()
-        opt = build_optimizer(model, name, lr=1e-4, weight_decay=0.1, qk_clip_tau=100.0)
-        totals, opt_times = [], []
+
+    def fwd_bwd() -> None:
+        model.zero_grad(set_to_none=True)
+        logits = model(ids[:, :-1])
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+
+    def timed(fn: Any) -> float:
+        times = []
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            logits = model(ids[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-            loss.backward()
-            t1 = time.perf_counter()
-            opt.step()
-            t2 = time.perf_counter()
+            fn()
             if i:
-                totals.append(t2 - t0)
-                opt_times.append(t2 - t1)
-        result[name] = {"step_s": statistics.median(totals), "optimizer_s": statistics.median(opt_times)}
-        result["parameters"] = sum(p.numel() for p in model.parameters())
-        del model, opt
-    result["step_ratio_muonclip_over_adamw"] = result["muonclip"]["step_s"] / result["adamw"]["step_s"]
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    result: dict[str, Any] = {"preset": preset_name, "overrides": overrides or {}, "batch": batch, "seq_len": seq_len,
+                              "threads": torch.get_num_threads(),
+                              "parameters": sum(p.numel() for p in model.parameters())}
+    result["forward_backward_s"] = fb = timed(fwd_bwd)
+    fwd_bwd()  # gradients for the optimizer timings
+    for name, kw in (("adamw", {}), ("muonclip", {}), ("muonclip_ns_fp32", {"ns_dtype": torch.float32})):
+        opt = build_optimizer(model, "adamw" if name == "adamw" else "muonclip", lr=1e-12, weight_decay=0.0,
+                              qk_clip_tau=100.0, **kw)
+        result[f"optimizer_{name}_s"] = timed(opt.step)
+        del opt
+    tokens = batch * seq_len
+    t_adam = result["optimizer_adamw_s"]
+    for name in ("muonclip", "muonclip_ns_fp32"):
+        t_muon = result[f"optimizer_{name}_s"]
+        result[f"step_ratio_{name}_at_this_batch"] = (fb + t_muon) / (fb + t_adam)
+        # (T·fb/tokens + t_muon) <= 1.3·(T·fb/tokens + t_adam)  ⇔  T >= (t_muon - 1.3·t_adam)·tokens / (0.3·fb)
+        result[f"tokens_per_step_for_ratio_1.3_{name}"] = max(0.0, (t_muon - 1.3 * t_adam) * tokens / (0.3 * fb))
     return result
 
 
@@ -250,13 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=int, default=None, help="num_hidden_layers override (memory)")
     args = parser.parse_args(argv)
     if args.which == "logits":
         summary = logits_experiment(args.out, args.steps, args.lr, args.tau, args.jobs, tuple(args.only))
     elif args.which == "efficiency":
         summary = efficiency_experiment(args.out, args.steps, tuple(args.muon_lrs), tuple(args.adamw_lrs), args.jobs)
     else:
-        summary = step_cost(args.preset, args.batch, args.seq_len, args.repeats)
+        summary = step_cost(args.preset, args.batch, args.seq_len, args.repeats,
+                            {"num_hidden_layers": args.layers} if args.layers else None)
     print(json.dumps(summary, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
     return 0
 

@@ -394,7 +394,8 @@ class Trainer:
         state = json.loads((path / "trainer_state.json").read_text())
         saved = state["train_config"]
         mine = self.cfg.to_json()
-        diff = [k for k in mine if k not in TrainConfig.RESUMABLE and saved.get(k) != mine[k]]
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # fields newer than the checkpoint
+        diff = [k for k in mine if k not in TrainConfig.RESUMABLE and saved.get(k, defaults[k]) != mine[k]]
         if diff:
             details = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {mine[k]!r}" for k in diff)
             raise TrainError(f"cannot resume from {path}: the run's settings changed ({details})")
