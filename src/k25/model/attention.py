@@ -104,7 +104,7 @@ class MLAttention(nn.Module):
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_latent = torch.matmul(q_nope, w_uk)  # [B, nH, T, R]: the key up-projection folded into q
+        q_latent = _per_head(q_nope, w_uk)  # [B, nH, T, R]: the key up-projection folded into q
         q = torch.cat([q_latent, q_rope], dim=-1)
         k = torch.cat([latent, k_rope], dim=-1)[:, None]  # [B, 1, S, R + Dr], shared by all heads
         b, nh, t, _ = q.shape
@@ -116,7 +116,7 @@ class MLAttention(nn.Module):
             o_latent = o.view(b, nh, 1, -1)
         else:
             o_latent = self._sdpa(q, k, latent[:, None], mask)  # [B, nH, T, R]
-        return torch.matmul(o_latent, w_uv.transpose(1, 2))  # value up-projection folded into the output
+        return _per_head(o_latent, w_uv.transpose(1, 2))  # value up-projection folded into the output
 
     def _sdpa(self, q, k, v, mask) -> torch.Tensor:
         if self.record_max_logits:
@@ -151,3 +151,11 @@ class MLAttention(nn.Module):
             logits = logits + mask.float()
         head_max = logits.amax(dim=(0, 2, 3))
         self.max_logits = head_max if self.max_logits is None else torch.maximum(self.max_logits, head_max)
+
+
+def _per_head(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [B, nH, T, D] @ w [nH, D, E] per head as one bmm over [nH, B·T, D] (a broadcast matmul
+    would copy w once per batch row)."""
+    b, nh, t, d = x.shape
+    out = torch.bmm(x.transpose(0, 1).reshape(nh, b * t, d), w)
+    return out.view(nh, b, t, -1).transpose(0, 1)
