@@ -267,8 +267,16 @@ GLOO_ARGS = ["train", "pretrain", "--override", "num_hidden_layers=2", "--overri
              "--eval-batches", "1", "--no-progress", "--qk-clip-tau", "0.05", "--ns-dtype", "float32"]
 
 
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, corpus) -> Path:
+    """The reference for the 2-process runs: one process, twice the gradient accumulation."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    assert main([*GLOO_ARGS[:2], str(corpus), *GLOO_ARGS[2:], "--out", str(out), "--grad-accum", "2"]) == 0
+    return out
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_gloo_processes_equal_single_process_training(tmp_path, corpus, parallel):
+def test_two_gloo_processes_equal_single_process_training(tmp_path, corpus, single_process_run, parallel):
     """torchrun, 2 CPU ranks (gloo), replicated or FSDP2-sharded == 1 process with twice the accumulation.
 
     Covers Muon on sharded parameters (gathered matrices, expert stacks orthogonalised in place) and
@@ -276,8 +284,7 @@ def test_two_gloo_processes_equal_single_process_training(tmp_path, corpus, para
     """
     args = [*GLOO_ARGS[:2], str(corpus), *GLOO_ARGS[2:]]
     _torchrun([*args, "--out", str(tmp_path / "multi"), "--parallel", parallel])
-    assert main([*args, "--out", str(tmp_path / "single"), "--grad-accum", "2"]) == 0
-    multi, single = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
+    multi, single = read_metrics(tmp_path / "multi"), read_metrics(single_process_run)
     assert len(multi) == len(single) == 3
     assert any(r["clipped_heads"] for r in single)
     for a, b in zip(multi, single, strict=True):
@@ -286,7 +293,7 @@ def test_two_gloo_processes_equal_single_process_training(tmp_path, corpus, para
             if b.get(k) is not None:
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
     wa = k25.load(tmp_path / "multi" / "checkpoints" / "step-00000003").state_dict()
-    wb = k25.load(tmp_path / "single" / "checkpoints" / "step-00000003").state_dict()
+    wb = k25.load(single_process_run / "checkpoints" / "step-00000003").state_dict()
     for n, x in wa.items():
         torch.testing.assert_close(x, wb[n], rtol=1e-4, atol=2e-6, msg=n)
 
