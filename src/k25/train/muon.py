@@ -176,7 +176,8 @@ class MuonClip(torch.optim.Optimizer):
     Groups carry ``use_muon``. Muon groups: ``lr``, ``weight_decay``, ``momentum``,
     ``nesterov``, ``ns_steps``. AdamW groups: ``lr``, ``weight_decay``, ``betas``, ``eps``.
     ``attention`` lists the MLA layers to clip (``qk_clip_tau=None`` records and reports the max
-    logits without clipping). Use :func:`build_optimizer` to route a model's parameters.
+    logits without clipping). Under replicated data parallelism ``distribute_ns`` divides the
+    Newton–Schulz work over the ranks. Use :func:`build_optimizer` to route a model's parameters.
     """
 
     def __init__(
@@ -193,6 +194,7 @@ class MuonClip(torch.optim.Optimizer):
         attention: Iterable[MLAttention] = (),
         qk_clip_tau: float | None = 100.0,
         qk_clip_alpha: float = 0.5,
+        distribute_ns: bool = True,
     ) -> None:
         if lr < 0 or weight_decay < 0:
             raise ValueError(f"MuonClip: lr and weight_decay must be >= 0, got lr={lr}, weight_decay={weight_decay}")
@@ -210,6 +212,7 @@ class MuonClip(torch.optim.Optimizer):
                         raise ValueError(f"param group {i}: Muon needs 2-D matrices or [E, n, m] stacks, "
                                          f"got a parameter of shape {tuple(p.shape)}")
         self.ns_dtype = ns_dtype
+        self.distribute_ns = distribute_ns
         self.attention = list(attention)
         self.qk_clip_tau = qk_clip_tau
         self.qk_clip_alpha = qk_clip_alpha
@@ -245,7 +248,7 @@ class MuonClip(torch.optim.Optimizer):
         """Update one Muon group; returns (Σ u², numel) of the scaled updates ``u = 0.2·sqrt(max(n,m))·NS``,
         whose RMS should read about 0.2 (AdamW's), the Moonlight check."""
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        sq_sum, count = 0.0, 0
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -256,23 +259,51 @@ class MuonClip(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)
-            update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+            pending.append((p, p.grad.lerp(buf, mu) if group["nesterov"] else buf))
+        orthos = self._orthogonalise_all([u for _, u in pending], group["ns_steps"])
+        sq_sum, count = 0.0, 0
+        for (p, _), ortho in zip(pending, orthos, strict=True):
             scale = muon_lr_scale(p.shape)
-            if isinstance(update, DTensor):
-                ortho, local = self._orthogonalise_sharded(update, group["ns_steps"])
-                if local:  # each rank saw only its own experts: sum the statistic over ranks below
-                    s = float(ortho.to_local().float().pow(2).sum()) * scale**2
-                    self._sharded_stats += torch.tensor([s, ortho.to_local().numel()], dtype=torch.float64)
-                else:
-                    sq_sum += float(ortho.full_tensor().float().pow(2).sum()) * scale**2
-                    count += ortho.numel()
+            if isinstance(ortho, tuple):  # (DTensor, local): sharded expert stack, statistic summed over ranks
+                ortho = ortho[0]
+                s = float(ortho.to_local().float().pow(2).sum()) * scale**2
+                self._sharded_stats += torch.tensor([s, ortho.to_local().numel()], dtype=torch.float64)
             else:
-                ortho = newton_schulz(update, group["ns_steps"], dtype=self.ns_dtype)
-                sq_sum += float(ortho.float().pow(2).sum()) * scale**2
+                full = ortho.full_tensor() if isinstance(ortho, DTensor) else ortho
+                sq_sum += float(full.float().pow(2).sum()) * scale**2
                 count += ortho.numel()
             p.mul_(1 - lr * wd)
             p.add_(ortho.to(p.dtype), alpha=-lr * scale)
         return sq_sum, count
+
+    def _orthogonalise_all(self, updates: list[torch.Tensor], steps: int) -> list[Any]:
+        """Newton–Schulz of every update. Replicated data parallel (``distribute_ns``): each matrix is
+        orthogonalised by one owner rank (largest first, to the least-loaded rank) and broadcast, so
+        the work is divided by the world size and the result is the single-process one bit for bit."""
+        replicated = [u for u in updates if not isinstance(u, DTensor)]
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        owners: dict[int, int] = {}
+        if self.distribute_ns and world > 1 and replicated:
+            load = [0] * world
+            for i in sorted(range(len(updates)), key=lambda i: -updates[i].numel()):
+                if not isinstance(updates[i], DTensor):
+                    owners[i] = min(range(world), key=load.__getitem__)
+                    load[owners[i]] += updates[i].numel()
+        rank = dist.get_rank() if owners else 0
+        out: list[Any] = []
+        for i, u in enumerate(updates):
+            if isinstance(u, DTensor):
+                ortho, local = self._orthogonalise_sharded(u, steps)
+                out.append((ortho, True) if local else ortho)
+            elif i in owners and owners[i] != rank:
+                out.append(torch.empty(u.shape, dtype=self.ns_dtype, device=u.device))
+            else:  # contiguous: a tall matrix comes back as a transposed view, and broadcast sends raw memory
+                out.append(newton_schulz(u, steps, dtype=self.ns_dtype).contiguous())
+        if owners:
+            works = [dist.broadcast(out[i], src=owners[i], async_op=True) for i in sorted(owners)]
+            for w in works:
+                w.wait()
+        return out
 
     def _orthogonalise_sharded(self, update: DTensor, steps: int) -> tuple[DTensor, bool]:
         """Newton–Schulz of an FSDP2-sharded update; returns (update with the same placements, local?).
