@@ -9,6 +9,7 @@ tensors are read into an :class:`~k25.engine.experts.Int4Experts`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,14 +34,28 @@ def is_int4_checkpoint(config: K25Config) -> bool:
     return qc.get("format") == "pack-quantized"
 
 
-def load_int4_text_model(
-    path: str | Path, dtype: torch.dtype | str | None = None, kernel: str | None = None
-) -> K25ForCausalLM:
-    """The text model of an INT4 `pack-quantized` checkpoint with its routed experts kept at 4 bits."""
+@dataclass
+class PartialLoad:
+    """A text model loaded without its routed experts, and what is needed to fill them in."""
+
+    model: K25ForCausalLM
+    config: K25Config
+    reader: ShardedReader
+    prefix: str
+    moe_layers: list[int]
+
+    def experts_stem(self, layer: int) -> str:
+        return f"{self.prefix}model.layers.{layer}.mlp.experts"
+
+
+def load_without_routed_experts(path: str | Path, dtype: torch.dtype | str | None = None) -> PartialLoad:
+    """Build the text model on the meta device and load every tensor except the routed experts.
+
+    The callers (INT4 serving, expert offload) then install their own expert modules, so the
+    full-precision experts are never materialised.
+    """
     path = Path(path)
     config = K25Config.from_json_file(path)
-    if not is_int4_checkpoint(config):
-        raise CheckpointError(f"{path}: config.json has no pack-quantized quantization_config (not an INT4 checkpoint)")
     reader = ShardedReader(path)
     prefix = detect_text_prefix(reader.weight_map)
     text = config.text_config
@@ -57,10 +72,23 @@ def load_int4_text_model(
 
     load_state_into(model, reader, prefix_map=mapper, text_config=text, dtype=resolve_dtype(dtype, config))
     model.model.rotary_emb.reset()
-    for i in moe_layers:
-        model.model.layers[i].mlp.experts = _read_experts(reader, f"{prefix}model.layers.{i}.mlp.experts", text, kernel)
     model.k25_config = config
-    return model.eval()
+    return PartialLoad(model, config, reader, prefix, moe_layers)
+
+
+def load_int4_text_model(
+    path: str | Path, dtype: torch.dtype | str | None = None, kernel: str | None = None
+) -> K25ForCausalLM:
+    """The text model of an INT4 `pack-quantized` checkpoint with its routed experts kept at 4 bits."""
+    config = K25Config.from_json_file(path)
+    if not is_int4_checkpoint(config):
+        raise CheckpointError(f"{path}: config.json has no pack-quantized quantization_config (not an INT4 checkpoint)")
+    part = load_without_routed_experts(path, dtype)
+    for i in part.moe_layers:
+        part.model.model.layers[i].mlp.experts = _read_experts(
+            part.reader, part.experts_stem(i), part.config.text_config, kernel
+        )
+    return part.model.eval()
 
 
 def _read_experts(reader: ShardedReader, stem: str, text, kernel: str | None) -> Int4Experts:

@@ -24,12 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.int4 import PACK, unpack_int4
-from ..checkpoint.io import CheckpointError, ShardedReader, checkpoint_prefix_map, detect_text_prefix, load_state_into
-from ..checkpoint.model_io import resolve_dtype
-from ..config import K25Config
-from ..model.moe import MoE
+from ..checkpoint.io import CheckpointError
 from ..model.transformer import K25ForCausalLM
 from .experts import GROUP, _combine
+from .loading import load_without_routed_experts
 
 _ROUTED = re.compile(r"\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.")
 _NP = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "I32": np.int32, "I8": np.int8, "U8": np.uint8}
@@ -99,31 +97,12 @@ class MappedExperts(nn.Module):
         return _combine(x, idx, weights, self._expert)
 
 
-class _NoExperts(nn.Module):
-    """Placeholder while loading the rest of the model."""
-
-
 def load_offloaded_text_model(path: str | Path, dtype: torch.dtype | str | None = None) -> K25ForCausalLM:
     """The text model with everything but the routed experts in memory; experts memory-mapped."""
-    path = Path(path)
-    config = K25Config.from_json_file(path)
-    text = config.text_config
-    reader = ShardedReader(path)
-    prefix = detect_text_prefix(reader.weight_map)
-    with torch.device("meta"):
-        model = K25ForCausalLM(text)
-    moe_layers = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
-    for i in moe_layers:
-        model.model.layers[i].mlp.experts = _NoExperts()
-    base = checkpoint_prefix_map(config, prefix, want_vision=False)
-
-    def mapper(name: str) -> str | None:
-        mapped = base(name)
-        return None if mapped is None or _ROUTED.search(mapped) else mapped
-
-    load_state_into(model, reader, prefix_map=mapper, text_config=text, dtype=resolve_dtype(dtype, config))
-    model.model.rotary_emb.reset()
-    shards = MappedShards(path, reader.weight_map)
+    part = load_without_routed_experts(path, dtype)
+    model, reader, prefix, text = part.model, part.reader, part.prefix, part.config.text_config
+    moe_layers = part.moe_layers
+    shards = MappedShards(Path(path), reader.weight_map)
     for i in moe_layers:
         stem = f"{prefix}model.layers.{i}.mlp.experts"
         int4 = f"{stem}.0.gate_proj.weight_packed" in reader.weight_map
@@ -138,5 +117,4 @@ def load_offloaded_text_model(path: str | Path, dtype: torch.dtype | str | None 
                     m[proj] = shards.get(f"{stem}.{e}.{proj}.weight")
             mats.append(m)
         model.model.layers[i].mlp.experts = MappedExperts(mats, text.hidden_size, text.moe_intermediate_size, int4)
-    model.k25_config = config
     return model.eval()
