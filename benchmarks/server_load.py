@@ -73,9 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     work = tempfile.mkdtemp()
-    cfg = tiny_config(hidden_size=args.hidden_size)
-    if cfg.vision_config is not None:
-        cfg.vision_config.text_hidden_size = args.hidden_size
+    cfg = tiny_config(text_only=True, hidden_size=args.hidden_size)
     write_random_checkpoint(work, cfg, seed=0, tokenizer=byte_tokenizer(work + "/tok"))
     tokenizer = KimiTokenizer.from_pretrained(work)
     model = k25.load(work, dtype=torch.float32, vision=False)
