@@ -159,8 +159,12 @@ def test_errors(client, backend, server):
     with pytest.raises(openai.BadRequestError, match="tool_choice.function.name='nope'"):
         client.chat.completions.create(model="k25-test", messages=msgs, tools=[WEATHER],
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
-    with pytest.raises(openai.BadRequestError, match="response_format.type='json_object'"):
-        client.chat.completions.create(model="k25-test", messages=msgs, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="response_format.json_schema.schema: required"):
+        client.chat.completions.create(model="k25-test", messages=msgs,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    with pytest.raises(openai.BadRequestError, match="response_format with tools is not supported"):
+        client.chat.completions.create(model="k25-test", messages=msgs, tools=[WEATHER],
+                                       response_format={"type": "json_object"})
     long = [{"role": "user", "content": "x" * 5000}]
     too_long = r"the prompt has \d+ tokens but the model's context length is 4096"
     with pytest.raises(openai.BadRequestError, match=too_long):

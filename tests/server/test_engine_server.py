@@ -8,6 +8,7 @@ served from the prefix cache; the `k25 serve` command starts and answers.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -145,3 +146,27 @@ def test_disconnect_frees_the_engine(served):
     assert not backend.engine.has_unfinished()
     assert not backend.engine.sequences  # aborted requests are released, not kept
     assert backend.engine.blocks.num_free == free_before
+
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+          "properties": {"city": {"type": "string", "maxLength": 12},
+                         "days": {"type": "integer", "minimum": 1, "maximum": 14}}}
+
+
+def test_response_format_json_schema_is_enforced(served):
+    """Even a random model answers with JSON matching the schema: the grammar masks every other token."""
+    srv, *_ = served
+    client = _client(srv)
+    for n, extra in enumerate([INSTANT, {}]):  # Instant, then Thinking (free reasoning, then the JSON)
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Plan a trip."}], max_tokens=200, seed=n,
+            temperature=1.0, extra_body=extra,
+            response_format={"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA}},
+        )
+        data = json.loads(r.choices[0].message.content)
+        assert set(data) == {"city", "days"} and 1 <= data["days"] <= 14 and len(data["city"]) <= 12
+        assert r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Anything."}],
+                                       max_tokens=200, seed=5, response_format={"type": "json_object"},
+                                       extra_body=INSTANT)
+    assert isinstance(json.loads(r.choices[0].message.content), dict) or r.choices[0].finish_reason == "length"

@@ -257,9 +257,15 @@ class LLMEngine:
         seqs = [s for s, _ in ready]
         rows = [SampleRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in seqs]
         banned = [sorted(s.eos_ids | s.stop_ids) if len(s.output_ids) < s.params.min_tokens else [] for s in seqs]
-        tokens, lps = sample(torch.stack([lg for _, lg in ready]), rows, banned)
+        logits = torch.stack([lg for _, lg in ready])
+        for i, seq in enumerate(seqs):  # constrained decoding: only grammar-valid tokens remain
+            if seq.params.constraint is not None:
+                logits[i].masked_fill_(~seq.params.constraint.allowed(logits.shape[-1]), float("-inf"))
+        tokens, lps = sample(logits, rows, banned)
         outs = []
         for seq, tok, lp in zip(seqs, tokens, lps, strict=True):
+            if seq.params.constraint is not None:
+                seq.params.constraint.accept(tok)
             seq.output_ids.append(tok)
             if lp is not None:
                 seq.logprobs.append(lp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -40,6 +41,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # A TokenConstraint (engine/constraints.py): per-request state that masks the next token.
+    constraint: Any = field(default=None, repr=False, compare=False)
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

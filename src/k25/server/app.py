@@ -21,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..chat.parsers import TokenStreamParser, make_tool_call_id, next_tool_call_index
 from ..chat.template import TemplateError, render
+from ..engine.constraints import ConstraintError, JsonConstraint
 from .backend import Backend, QueueFullError, StepOutput
 from .protocol import (
     APIError,
@@ -99,6 +100,12 @@ class ChatRun:
         self._think_end = self.tok.token_to_id("</think>")
         self._call_names: dict[int, str] = {}
         self.single_call = parallel_tool_calls is False and bool(plan.tools)
+        self.constraint = None
+        if plan.json_schema is not None:
+            try:
+                self.constraint = JsonConstraint(self.tok, plan.json_schema)
+            except ConstraintError as e:
+                raise APIError(f"response_format.json_schema.schema: {e}", param="response_format") from None
 
     # -- generation ------------------------------------------------------------------------------
     def _forced_prefix(self) -> list[int]:
@@ -119,19 +126,24 @@ class ChatRun:
             sampling["stop_token_ids"] = [*(sampling.get("stop_token_ids") or []),
                                           self.tok.token_to_id("<|tool_call_end|>")]
         forced = self._forced_prefix()
-        if forced and self.plan.thinking:
-            # Phase 1: let the model reason up to `</think>`, then impose the tool-call prefix.
+        if self.constraint is not None:
+            sampling["constraint"] = self.constraint
+        if (forced or self.constraint is not None) and self.plan.thinking:
+            # Phase 1: let the model reason freely up to `</think>`; then impose the tool-call prefix
+            # or the JSON grammar on the answer.
             phase1 = dict(sampling, stop_token_ids=[*(sampling.get("stop_token_ids") or []), self._think_end])
+            phase1.pop("constraint", None)
             async for ids in self._run(self.prompt_ids, phase1, self.max_tokens, self.request_id + "-think"):
                 yield ids
             if self.finish_reason == "length":
                 return
             if not self.completion_ids or self.completion_ids[-1] != self._think_end:
                 forced = [self._think_end, *forced]
-        if forced:
+        if forced or (self.constraint is not None and self.plan.thinking):
             self.finish_reason = None
-            self._record(forced, None)
-            yield forced
+            if forced:
+                self._record(forced, None)
+                yield forced
             budget = self.max_tokens - len(self.completion_ids)
             if budget <= 0:
                 self.finish_reason = "length"

@@ -116,6 +116,7 @@ class ChatPlan:
     tools: list[dict[str, Any]] | None
     tool_choice: str | dict[str, Any]
     forced_function: str | None = None
+    json_schema: dict[str, Any] | None = None  # response_format: the answer must be this JSON
     messages: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -180,12 +181,7 @@ def plan_chat(req: ChatCompletionRequest, *, strict: bool = False) -> ChatPlan:
     thinking = _mode(req, strict)
     if req.n != 1:
         raise APIError("n: only n=1 is supported; send several requests instead", param="n")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(
-            f"response_format.type={req.response_format.type!r}: constrained decoding is not implemented yet; "
-            "use 'text'",
-            param="response_format",
-        )
+    json_schema = _response_schema(req)
     default_temperature = THINKING_TEMPERATURE if thinking else INSTANT_TEMPERATURE
     if strict:
         fixed = {"temperature": default_temperature, "top_p": DEFAULT_TOP_P, "presence_penalty": 0.0,
@@ -243,5 +239,22 @@ def plan_chat(req: ChatCompletionRequest, *, strict: bool = False) -> ChatPlan:
         tool_choice=tool_choice,
         forced_function=forced,
         messages=req.messages,
+        json_schema=json_schema,
     )
+
+
+def _response_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
+    """The JSON schema `response_format` asks for (any object for json_object), or None for text."""
+    rf = req.response_format
+    if rf is None or rf.type == "text":
+        return None
+    if req.tools and req.tool_choice != "none":
+        raise APIError("response_format with tools is not supported; send one of them", param="response_format")
+    if rf.type == "json_object":
+        return {"type": "object"}
+    schema = (rf.json_schema or {}).get("schema")
+    if not isinstance(schema, dict):
+        raise APIError("response_format.json_schema.schema: required, a JSON schema object",
+                       param="response_format.json_schema.schema")
+    return schema
 
