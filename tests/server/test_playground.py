@@ -65,3 +65,33 @@ def test_errors_are_shown(page_and_backend):
     page.click("#send")
     page.wait_for_function("document.querySelectorAll('span.error').length == 2")
     assert "429: the server is at capacity" in page.locator("span.error").nth(1).inner_text()
+
+
+def test_swarm_mode_draws_a_timeline(page_and_backend):
+    import json
+
+    page, backend, tmp_path = page_and_backend
+
+    def call(idx, name, args):
+        return (f"<|tool_call_begin|>functions.{name}:{idx}<|tool_call_argument_begin|>{json.dumps(args)}"
+                "<|tool_call_end|>")
+
+    def section(*calls):
+        return "<|tool_calls_section_begin|>" + "".join(calls) + "<|tool_calls_section_end|><|im_end|>"
+
+    backend.outputs = [
+        "Plan.</think>" + section(call(0, "create_subagent", {"name": "reader", "system_prompt": "You read."})),
+        "Split.</think>" + section(call(1, "assign_task", {"agent": "reader", "prompt": "Part one"}),
+                                   call(2, "assign_task", {"agent": "reader", "prompt": "Part two"})),
+        "Ok.</think>Read one.<|im_end|>", "Ok.</think>Read two.<|im_end|>",
+        "Merge.</think>Both parts read.<|im_end|>",
+    ]
+    page.select_option("#mode", "swarm")
+    page.fill("#prompt", "Read both parts.")
+    page.click("#send")
+    page.wait_for_function("document.querySelector('.swarm .meta') && "
+                           "document.querySelector('.swarm .meta').textContent.includes('sub-agents')", timeout=60_000)
+    assert page.inner_text(".swarm .content") == "Both parts read."
+    assert page.locator(".swarm .lane").count() == 2
+    assert "reader" in page.inner_text(".swarm .timeline")
+    page.screenshot(path=str(tmp_path / "swarm.png"))

@@ -31,6 +31,7 @@ from .protocol import (
     parse_body,
     plan_chat,
 )
+from .swarm_runs import SwarmRuns
 
 STATIC = Path(__file__).parent / "static"
 
@@ -243,6 +244,7 @@ class ServerState:
         self.model_name = model_name
         self.metrics = Metrics(backend)
         self.created = int(time.time())
+        self.swarms = SwarmRuns()
 
 
 def create_app(
@@ -260,7 +262,7 @@ def create_app(
     if api_key is not None:
         @app.middleware("http")
         async def _auth(request: Request, call_next):
-            if request.url.path.startswith("/v1/"):
+            if request.url.path.startswith(("/v1/", "/k25/")):
                 sent = request.headers.get("authorization", "")
                 if not secrets.compare_digest(sent.encode(), f"Bearer {api_key}".encode()):
                     err = APIError("invalid or missing API key: send 'Authorization: Bearer <key>'", status=401,
@@ -365,6 +367,37 @@ def create_app(
         _account(state, run, "chat", started)
         return JSONResponse({"id": run.request_id, "object": "chat.completion", "created": int(time.time()),
                              "model": state.model_name, "choices": [choice], "usage": run.usage()})
+
+    @app.post("/k25/swarm")
+    async def start_swarm(request: Request) -> JSONResponse:
+        """Start an Agent Swarm run against this server's own API (the playground's Swarm mode)."""
+        body = await _body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("task"), str) or not body["task"].strip():
+            raise APIError("task: required, a non-empty string", param="task")
+        max_subagents = body.get("max_subagents", 8)
+        if not isinstance(max_subagents, int) or not 1 <= max_subagents <= 100:
+            raise APIError("max_subagents: an integer from 1 to 100", param="max_subagents")
+        if state.swarms.running() >= state.swarms.max_running:
+            raise APIError("too many swarm runs at once; wait for one to finish", status=429,
+                           type="rate_limit_error", headers={"Retry-After": "5"})
+        run = state.swarms.start(
+            body["task"], base_url=str(request.base_url).rstrip("/") + "/v1", model=state.model_name,
+            api_key=api_key, thinking=bool(body.get("thinking", True)), max_subagents=max_subagents,
+        )
+        return JSONResponse(run.view(), status_code=202)
+
+    @app.get("/k25/swarm/{run_id}")
+    async def swarm_status(run_id: str) -> dict[str, Any]:
+        run = state.swarms.runs.get(run_id)
+        if run is None:
+            raise APIError(f"no swarm run {run_id!r}", status=404, param="run_id")
+        return run.view()
+
+    @app.delete("/k25/swarm/{run_id}")
+    async def cancel_swarm(run_id: str) -> dict[str, Any]:
+        if run_id not in state.swarms.runs:
+            raise APIError(f"no swarm run {run_id!r}", status=404, param="run_id")
+        return {"id": run_id, "cancelled": state.swarms.cancel(run_id)}
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
