@@ -105,8 +105,12 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(
-        self, prompt_ids: Iterable[int], params: SamplingParams | None = None, request_id: str | None = None
+        self, prompt_ids: Iterable[int], params: SamplingParams | None = None, request_id: str | None = None,
+        media_embeds: torch.Tensor | None = None, media_token_id: int | None = None,
     ) -> str:
+        """Queue a request. With media, the prompt holds one `media_token_id` per row of
+        `media_embeds` [M, hidden] (the vision tower's output, in order); those rows replace the
+        placeholders' embeddings whenever the prompt is (re)computed."""
         params = params or SamplingParams()
         ids = [int(t) for t in prompt_ids]
         if not ids:
@@ -123,6 +127,8 @@ class LLMEngine:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, ids, params, arrival=next(self._arrivals))
+        if media_embeds is not None:
+            _attach_media(seq, media_embeds, media_token_id, self.model.config.hidden_size)
         seq.generator = make_generator(params.seed)
         seq.eos_ids = frozenset() if params.ignore_eos else self.eos_ids
         seq.stop_ids = frozenset(params.stop_token_ids or [])
@@ -243,13 +249,28 @@ class LLMEngine:
             mask[i, past - c : past] = 1
             mask[i, past + t - n :] = 1
         self._set_attention(self.config.prefill_attention)
-        logits = self.model(ids, position_ids=pos, attention_mask=None if bool(mask.all()) else mask,
+        inputs: dict[str, torch.Tensor] = {"input_ids": ids}
+        if any(seq.media_embeds is not None for seq, _ in chunks):
+            inputs = {"inputs_embeds": self._embed_with_media(ids, chunks, t)}
+        logits = self.model(**inputs, position_ids=pos, attention_mask=None if bool(mask.all()) else mask,
                             cache=PagedLatentView(self.pool, past_slots, new_slots), logits_to_keep=1)
         self.stats["forwards"] += 1
         for seq, n in chunks:
             self.stats["prompt_tokens"] += n
             self.scheduler.advance(seq, n)
         return logits[:, -1]
+
+    def _embed_with_media(self, ids: torch.Tensor, chunks: list[tuple[Sequence, int]], t: int) -> torch.Tensor:
+        """Token embeddings of a prefill batch with the media rows scattered into their positions."""
+        emb = self.model.model.embed_tokens(ids)
+        for i, (seq, n) in enumerate(chunks):
+            if seq.media_embeds is None:
+                continue
+            c = seq.num_computed
+            for k, p in enumerate(seq.media_positions):
+                if c <= p < c + n:
+                    emb[i, t - n + (p - c)] = seq.media_embeds[k].to(emb.dtype)
+        return emb
 
     def _sample(self, ready: list[tuple[Sequence, torch.Tensor]]) -> list[RequestOutput]:
         if not ready:
@@ -346,3 +367,23 @@ def _text_model(model: torch.nn.Module) -> K25ForCausalLM:
     if isinstance(inner, K25ForCausalLM):
         return inner
     raise TypeError(f"expected a K25ForCausalLM or K25ForConditionalGeneration, got {type(model).__name__}")
+
+
+def _attach_media(seq: Sequence, embeds: torch.Tensor, token_id: int | None, hidden: int) -> None:
+    """Check media rows against the prompt's placeholders and derive their prefix-cache keys."""
+    import hashlib
+
+    if token_id is None:
+        raise ValueError("media_embeds need media_token_id (the <|media_pad|> id the prompt uses)")
+    positions = [i for i, t in enumerate(seq.prompt_ids) if t == token_id]
+    if embeds.dim() != 2 or embeds.shape[1] != hidden:
+        raise ValueError(f"media_embeds must be [n, hidden_size={hidden}], got {tuple(embeds.shape)}")
+    if embeds.shape[0] != len(positions):
+        raise ValueError(f"the prompt holds {len(positions)} media placeholder tokens (id {token_id}) "
+                         f"but media_embeds has {embeds.shape[0]} rows")
+    digest = hashlib.blake2b(embeds.detach().float().contiguous().numpy().tobytes(), digest_size=8).digest()
+    base = int.from_bytes(digest, "little") >> 2
+    keys = list(seq.prompt_ids)
+    for k, p in enumerate(positions):  # negative: never equal to a real token id
+        keys[p] = -1 - ((base + k) % (1 << 62))
+    seq.media_embeds, seq.media_positions, seq.media_keys = embeds.detach(), positions, keys

@@ -97,7 +97,7 @@ class Scheduler:
             seq = self.waiting[0]
             hits: list[int] = []
             if self.config.enable_prefix_caching:
-                hits = self.blocks.match_prefix(seq.token_ids, len(seq) - 1)  # leave one token to compute
+                hits = self.blocks.match_prefix(seq.cache_keys, len(seq) - 1)  # leave one token to compute
             cached = len(hits) * self.blocks.block_size
             n = min(len(seq) - cached, budget)
             need = self.blocks.blocks_for(cached + n) - len(hits)
@@ -137,7 +137,7 @@ class Scheduler:
         bs = self.blocks.block_size
         tokens = None
         for j in range(len(seq.block_hashes), seq.num_computed // bs):
-            tokens = tokens if tokens is not None else seq.token_ids
+            tokens = tokens if tokens is not None else seq.cache_keys
             prev = seq.block_hashes[-1] if seq.block_hashes else None
             seq.block_hashes.append(self.blocks.register_full(seq.block_table[j], prev, tokens[j * bs : (j + 1) * bs]))
 

@@ -44,10 +44,21 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()
     eos_ids: frozenset[int] = frozenset()
     decoder: object | None = None  # incremental detokenizer (StreamDecoder) when stop strings are used
+    # Media (images, video chunks): one embedding row per media placeholder in the prompt, in order,
+    # computed once by the vision tower; `media_keys` stands in for the placeholders when hashing blocks.
+    media_embeds: torch.Tensor | None = None
+    media_positions: list[int] = field(default_factory=list)
+    media_keys: list[int] | None = None
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def cache_keys(self) -> list[int]:
+        """The ids prefix caching hashes: token ids, with each media placeholder replaced by a key
+        derived from that item's content, so the same prompt with another image never hits."""
+        return self.token_ids if self.media_keys is None else self.media_keys + self.output_ids
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
