@@ -527,14 +527,16 @@ def _tiny() -> K25Config:
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=2048,
         rope_scaling={"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256,
                       "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
-        pad_token_id=511, bos_token_id=508, eos_token_id=509, dtype="float32",
+        pad_token_id=511, bos_token_id=256, eos_token_id=257, dtype="float32",
     )
     vision = VisionConfig(
         vt_hidden_size=32, vt_num_hidden_layers=2, vt_num_attention_heads=2, vt_intermediate_size=64,
         init_pos_emb_height=8, init_pos_emb_width=8, mm_hidden_size=32, text_hidden_size=64,
     )
-    return K25Config(text_config=text, vision_config=vision, bos_token_id=508, eos_token_id=509,
-                     pad_token_id=511, media_placeholder_token_id=510, dtype="float32")
+    # Token ids follow the Kimi layout over a 256-entry base vocabulary (the byte tokenizer of
+    # k25.testing): [BOS] = base+0, [EOS] = base+1, <|media_pad|> = base+21, [PAD] = base+255.
+    return K25Config(text_config=text, vision_config=vision, bos_token_id=256, eos_token_id=257,
+                     pad_token_id=511, media_placeholder_token_id=277, dtype="float32")
 
 
 def _bench() -> K25Config:

@@ -155,9 +155,12 @@ class ScriptedBackend:
         self.full = False
         self.delay = 0.0
 
-    def stream(self, request_id, prompt_ids, sampling, max_tokens):
+    supports_media = True
+
+    def stream(self, request_id, prompt_ids, sampling, max_tokens, media=None):
         from .server.backend import QueueFullError
 
+        self.media = media
         if self.full:
             raise QueueFullError(retry_after=3)
         self.prompts.append(self.tokenizer.decode(prompt_ids))

@@ -6,6 +6,7 @@ and parsed back with the kimi_k2 reasoning and tool-call parsers, token by token
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -22,7 +23,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from ..chat.parsers import TokenStreamParser, make_tool_call_id, next_tool_call_index
 from ..chat.template import TemplateError, render
 from ..engine.constraints import ConstraintError, JsonConstraint
+from ..media import pack_media
 from .backend import Backend, QueueFullError, StepOutput
+from .media_input import collect_media, expand_placeholders, expand_videos
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -81,12 +84,13 @@ class ChatRun:
     """One chat generation: forced tool-call prefixes, token parsing, ids, usage, finish reason."""
 
     def __init__(self, app_state: ServerState, plan: ChatPlan, prompt_ids: list[int], max_tokens: int,
-                 parallel_tool_calls: bool | None) -> None:
+                 parallel_tool_calls: bool | None, media: tuple[Any, Any] | None = None) -> None:
         self.state = app_state
         self.backend = app_state.backend
         self.tok = app_state.backend.tokenizer
         self.plan = plan
         self.prompt_ids = prompt_ids
+        self.media = media  # (pixel_values, grid_thws) of the prompt's images and video chunks
         self.max_tokens = max_tokens
         self.parser = TokenStreamParser(self.tok, thinking=plan.thinking)
         self.base_index = next_tool_call_index(plan.messages)
@@ -166,7 +170,8 @@ class ChatRun:
         start = time.perf_counter()
         first = True
         try:
-            async for step in self.backend.stream(rid, prompt, sampling, max_tokens):
+            extra = {"media": self.media} if self.media is not None else {}
+            async for step in self.backend.stream(rid, prompt, sampling, max_tokens, **extra):
                 if first and prompt is self.prompt_ids:
                     self.cached_tokens = step.cached_tokens
                 if first:
@@ -238,24 +243,29 @@ class ChatRun:
 
 
 class ServerState:
-    def __init__(self, backend: Backend, strict: bool, model_name: str) -> None:
+    def __init__(self, backend: Backend, strict: bool, model_name: str, media_dir: Path | None = None) -> None:
         self.backend = backend
         self.strict = strict
         self.model_name = model_name
         self.metrics = Metrics(backend)
         self.created = int(time.time())
         self.swarms = SwarmRuns()
+        self.media_dir = media_dir
 
 
 def create_app(
-    backend: Backend, *, strict_kimi_api: bool = False, model_name: str | None = None, api_key: str | None = None
+    backend: Backend, *, strict_kimi_api: bool = False, model_name: str | None = None, api_key: str | None = None,
+    allowed_local_media_path: str | Path | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `backend`.
 
     `strict_kimi_api` reproduces the official platform's rules; `api_key`, when set, is required as
     `Authorization: Bearer KEY` on /v1 routes (401 otherwise; /health, /metrics and / stay open).
+    Image/video parts are read from data: URLs, and from local files under
+    `allowed_local_media_path` when given.
     """
-    state = ServerState(backend, strict_kimi_api, model_name or backend.model_name)
+    media_dir = Path(allowed_local_media_path).resolve() if allowed_local_media_path else None
+    state = ServerState(backend, strict_kimi_api, model_name or backend.model_name, media_dir)
     app = FastAPI(title="k25", version="0.1.0")
     app.state.k25 = state
 
@@ -334,18 +344,27 @@ def create_app(
             req = parse_body(ChatCompletionRequest, await _body(request))
             _check_model(req.model)
             plan = plan_chat(req, strict=state.strict)
+            items, videos = [], []
             if _has_media(plan.messages):
-                raise APIError("image and video input are not supported by this server yet", param="messages")
+                if not getattr(backend, "supports_media", False):
+                    raise APIError("this model has no vision tower: image and video input are not available",
+                                   param="messages")
+                items, videos = await asyncio.to_thread(collect_media, plan.messages, allowed_dir=state.media_dir)
             try:
                 text = render(plan.messages, tools=plan.tools, thinking=plan.thinking, add_generation_prompt=True)
             except TemplateError as e:
                 raise APIError(str(e), param="messages") from None
+            if videos:
+                text = expand_videos(text, videos)
             prompt_ids = backend.tokenizer.encode(text)
+            if items:
+                prompt_ids = expand_placeholders(prompt_ids, items, backend.tokenizer.token_to_id("<|media_pad|>"))
             max_tokens = _prompt_budget(len(prompt_ids), plan.max_tokens)
         except APIError as e:
             state.metrics.requests.labels("chat", str(e.status)).inc()
             raise
-        run = ChatRun(state, plan, prompt_ids, max_tokens, req.parallel_tool_calls)
+        run = ChatRun(state, plan, prompt_ids, max_tokens, req.parallel_tool_calls,
+                      media=pack_media(items) if items else None)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             gen = _stream_chat(state, run, include_usage, req.logprobs, started)

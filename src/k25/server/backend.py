@@ -46,9 +46,14 @@ class Backend(Protocol):
     max_model_len: int
 
     def stream(
-        self, request_id: str, prompt_ids: list[int], sampling: dict[str, Any], max_tokens: int | None
+        self, request_id: str, prompt_ids: list[int], sampling: dict[str, Any], max_tokens: int | None,
+        media: tuple[Any, Any] | None = None,
     ) -> AsyncIterator[StepOutput]:
-        """Generate for one request; raises QueueFullError before the first step when full."""
+        """Generate for one request; raises QueueFullError before the first step when full.
+
+        `media` = (pixel_values, grid_thws) for the prompt's `<|media_pad|>` runs, in order; only
+        backends with `supports_media = True` get it.
+        """
         ...
 
     def abort(self, request_id: str) -> None:

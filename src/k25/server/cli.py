@@ -27,6 +27,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..chat.tokenizer import KimiTokenizer
     from ..checkpoint.model_io import load_model, text_model
     from ..engine.engine import EngineConfig, LLMEngine
+    from ..model.multimodal import K25ForConditionalGeneration
     from .app import create_app
     from .engine_backend import EngineBackend
 
@@ -34,13 +35,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not (directory / "tiktoken.model").exists():
         raise SystemExit(f"{directory}: no tiktoken.model there; `k25 serve` needs a checkpoint with its tokenizer")
     tokenizer = KimiTokenizer.from_pretrained(directory)
-    model = text_model(load_model(directory, dtype=args.dtype, vision=False))
-    engine = LLMEngine(model, EngineConfig(cache_tokens=args.cache_tokens, max_num_seqs=args.max_num_seqs),
+    full = load_model(directory, dtype=args.dtype, vision=None if args.vision else False)
+    vision = full if isinstance(full, K25ForConditionalGeneration) else None
+    engine = LLMEngine(text_model(full), EngineConfig(cache_tokens=args.cache_tokens, max_num_seqs=args.max_num_seqs),
                        tokenizer=tokenizer)
     name = args.served_model_name or directory.name
-    backend = EngineBackend(engine, tokenizer, name, max_waiting=args.max_waiting, max_model_len=args.max_model_len)
+    backend = EngineBackend(engine, tokenizer, name, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
+                            vision_model=vision)
     api_key = args.api_key or os.environ.get("K25_API_KEY")
-    app = create_app(backend, strict_kimi_api=args.strict_kimi_api, api_key=api_key)
+    app = create_app(backend, strict_kimi_api=args.strict_kimi_api, api_key=api_key,
+                     allowed_local_media_path=args.allowed_local_media_path)
     print(how_to_talk(name, f"http://{args.host}:{args.port}", api_key), flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -63,5 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=16, help="requests generated together")
     p.add_argument("--dtype", default=None, help="bfloat16 | float32 (default: the checkpoint's)")
     p.add_argument("--api-key", default=None, help="require this bearer key on /v1 (or set K25_API_KEY)")
+    p.add_argument("--no-vision", dest="vision", action="store_false",
+                   help="serve text only even if the checkpoint has a vision tower")
+    p.add_argument("--allowed-local-media-path", default=None,
+                   help="let image_url/video_url name local files under this directory (default: data: URLs only)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)

@@ -14,9 +14,12 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+import torch
+
 from ..chat.tokenizer import KimiTokenizer
 from ..engine.engine import LLMEngine, RequestOutput
 from ..engine.sampling import SamplingParams
+from ..model.multimodal import K25ForConditionalGeneration
 from .backend import QueueFullError, StepOutput
 
 
@@ -24,7 +27,7 @@ class EngineBackend:
     """Serve `engine` to asyncio callers; at most `max_waiting` requests wait before 429s."""
 
     def __init__(self, engine: LLMEngine, tokenizer: KimiTokenizer, model_name: str, max_waiting: int = 64,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, vision_model: K25ForConditionalGeneration | None = None) -> None:
         if engine.tokenizer is None:
             engine.tokenizer = tokenizer
         self.engine = engine
@@ -32,6 +35,9 @@ class EngineBackend:
         self.model_name = model_name
         self.max_model_len = max_model_len or engine.max_model_len
         self.max_waiting = max_waiting
+        # The multimodal model whose vision tower encodes media (its language model is the engine's).
+        self.vision_model = vision_model
+        self.supports_media = vision_model is not None
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._delivered: dict[str, int] = {}
@@ -41,15 +47,17 @@ class EngineBackend:
         self._thread.start()
 
     # ---- Backend ---------------------------------------------------------------------------------
-    def stream(self, request_id: str, prompt_ids: list[int], sampling: dict[str, Any], max_tokens: int | None
-               ) -> AsyncIterator[StepOutput]:
+    def stream(self, request_id: str, prompt_ids: list[int], sampling: dict[str, Any], max_tokens: int | None,
+               media: tuple[Any, Any] | None = None) -> AsyncIterator[StepOutput]:
         if self.stats()["queue_depth"] >= self.max_waiting:
             raise QueueFullError(retry_after=1.0)
         params = SamplingParams(**sampling, max_tokens=max_tokens)
         sink: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._sinks[request_id] = (asyncio.get_running_loop(), sink)
-        self._commands.put(("add", (request_id, list(prompt_ids), params)))
+        if media is not None and self.vision_model is None:
+            raise ValueError("this backend has no vision tower")
+        self._commands.put(("add", (request_id, list(prompt_ids), params, media)))
         return self._drain(request_id, sink)
 
     async def _drain(self, request_id: str, sink: asyncio.Queue) -> AsyncIterator[StepOutput]:
@@ -102,9 +110,15 @@ class EngineBackend:
     def _handle(self, command: tuple[str, Any]) -> None:
         kind, arg = command
         if kind == "add":
-            rid, ids, params = arg
+            rid, ids, params, media = arg
             try:
-                self.engine.add_request(ids, params, request_id=rid)
+                extra = {}
+                if media is not None:  # the vision tower runs here, on the engine's thread, once per request
+                    with torch.no_grad():
+                        embeds = self.vision_model.encode_media(*media)
+                    extra = {"media_embeds": torch.cat(embeds),
+                             "media_token_id": self.vision_model.k25_config.media_placeholder_token_id}
+                self.engine.add_request(ids, params, request_id=rid, **extra)
             except ValueError as e:
                 self._send(rid, e)
                 return
