@@ -95,3 +95,26 @@ def test_swarm_mode_draws_a_timeline(page_and_backend):
     assert page.locator(".swarm .lane").count() == 2
     assert "reader" in page.inner_text(".swarm .timeline")
     page.screenshot(path=str(tmp_path / "swarm.png"))
+
+
+def test_image_upload(page_and_backend):
+    import io
+
+    from PIL import Image
+
+    page, backend, tmp_path = page_and_backend
+    image = tmp_path / "red.png"
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, format="PNG")
+    image.write_bytes(buf.getvalue())
+    page.wait_for_function("document.getElementById('model').textContent.includes('k25-test')")
+    page.set_input_files("#image", str(image))
+    page.wait_for_selector("#preview:not([hidden])")
+    backend.outputs = ["It is red.</think>A red rectangle.<|im_end|>"]
+    page.fill("#prompt", "What colour is this?")
+    page.click("#send")
+    page.wait_for_selector(".assistant .meta")
+    assert page.inner_text(".assistant .content") == "A red rectangle."
+    assert page.locator(".user img").count() == 1
+    assert backend.media is not None and backend.media[1].tolist() == [[1, 4, 4]]
+    assert backend.prompts[-1].count("<|media_pad|>") == 4
