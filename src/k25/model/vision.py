@@ -19,6 +19,7 @@ each other); nothing crosses an item boundary.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Sequence
 
@@ -102,7 +103,7 @@ def parse_grids(grid_thws: torch.Tensor | Sequence[Sequence[int]]) -> list[Grid]
 # ---- modules ------------------------------------------------------------------------------------
 
 
-class _FixedTables(nn.Module):
+class _FixedTables(nn.Module, abc.ABC):
     """Owns fixed (not learned) fp32 tables kept as non-persistent buffers.
 
     ``module.to(torch.bfloat16)`` would round them (RoPE frequencies in bf16 are off by up to
@@ -110,8 +111,9 @@ class _FixedTables(nn.Module):
     after any such move they are rebuilt in fp32 on the new device.
     """
 
+    @abc.abstractmethod
     def init_buffers(self) -> None:
-        raise NotImplementedError
+        """(Re)compute the tables in fp32 on the module's device."""
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> _FixedTables:
         super()._apply(fn, recurse)

@@ -7,6 +7,7 @@ state to save. A sample is ``(input_ids [T], targets [T], loss_mask [T])``.
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -82,16 +83,18 @@ def _permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-class Dataset:
+class Dataset(abc.ABC):
     """Indexable samples with a seeded per-epoch shuffle: ``sample(k)`` for global index k."""
 
     seq_len: int
 
+    @abc.abstractmethod
     def __len__(self) -> int:
-        raise NotImplementedError
+        """Number of samples in one epoch."""
 
+    @abc.abstractmethod
     def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """Sample i (unshuffled)."""
 
     def sample(self, k: int, seed: int, shuffle: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = len(self)
