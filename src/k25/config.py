@@ -554,6 +554,32 @@ def _bench() -> K25Config:
                      pad_token_id=32767, media_placeholder_token_id=32766)
 
 
+def _k25_mini() -> K25Config:
+    """k25-mini: the K2.5 architecture at ~27M parameters (~8M active), trainable on a 2-core CPU.
+
+    Vocabulary: 4,096 BPE ranks trained on k25's curriculum + the 256 Kimi specials. Token ids
+    follow the Kimi layout over that base (specials from 4096). YaRN extends the 1,024-token
+    training context to 4,096.
+    """
+    base = 4096
+    text = TextConfig(
+        vocab_size=base + 256, hidden_size=256, intermediate_size=768, moe_intermediate_size=256,
+        num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
+        num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=64, q_lora_rank=128,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, max_position_embeddings=4096,
+        rope_theta=50000.0, routed_scaling_factor=2.5,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
+                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        bos_token_id=base, eos_token_id=base + 1, pad_token_id=base + 255,
+    )
+    vision = VisionConfig(
+        vt_hidden_size=128, vt_num_hidden_layers=2, vt_num_attention_heads=2, vt_intermediate_size=256,
+        init_pos_emb_height=16, init_pos_emb_width=16, mm_hidden_size=128, text_hidden_size=256,
+    )
+    return K25Config(text_config=text, vision_config=vision, bos_token_id=base, eos_token_id=base + 1,
+                     pad_token_id=base + 255, media_placeholder_token_id=base + 21)
+
+
 def _kimi_k25() -> K25Config:
     """The released Kimi K2.5 config.json (spec §1.1–§2.1)."""
     text = TextConfig(quantization_config=copy.deepcopy(KIMI_K25_QUANTIZATION_CONFIG))
@@ -574,11 +600,12 @@ PRESETS = {
     "kimi-k2-thinking": _kimi_k2_thinking,
     "tiny": _tiny,
     "bench": _bench,
+    "k25-mini": _k25_mini,
 }
 
 
 def preset(name: str) -> K25Config:
-    """A named config: `kimi-k2.5` (released), `kimi-k2-thinking`, `tiny` (tests), `bench`."""
+    """A named config: `kimi-k2.5` (released), `kimi-k2-thinking`, `tiny` (tests), `bench`, `k25-mini`."""
     try:
         return PRESETS[name]()
     except KeyError:
