@@ -170,3 +170,26 @@ def test_response_format_json_schema_is_enforced(served):
                                        max_tokens=200, seed=5, response_format={"type": "json_object"},
                                        extra_body=INSTANT)
     assert isinstance(json.loads(r.choices[0].message.content), dict) or r.choices[0].finish_reason == "length"
+
+
+def test_tool_choice_none_never_calls_even_when_the_model_would(served):
+    """Force the model towards a tool call (bias the section token by a huge logit) and check that
+    `tool_choice: "none"` still answers in text, with the tools declared in the prompt."""
+    srv, model, tokenizer, backend = served
+    section = tokenizer.token_to_id("<|tool_calls_section_begin|>")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with torch.no_grad():
+        saved = model.lm_head.weight[section].clone()
+        model.lm_head.weight[section] = model.model.norm.weight.sign() * 50  # dominates every position
+    try:
+        client = _client(srv)
+        kwargs = {"model": "tiny", "messages": [{"role": "user", "content": "Use f."}], "tools": [tool],
+                  "max_tokens": 6, "temperature": 0, "extra_body": INSTANT}
+        free = client.chat.completions.create(**kwargs)
+        # unconstrained, every generated token is the section marker (consumed by the parser: no text)
+        assert free.choices[0].message.content == "" and free.usage.completion_tokens == 6
+        none = client.chat.completions.create(**kwargs, tool_choice="none")
+        assert not none.choices[0].message.tool_calls and none.choices[0].message.content
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[section] = saved

@@ -42,6 +42,21 @@ def _ll_tokenizer(tokenizer: Any) -> Any:
     return _TOKENIZERS[key]
 
 
+class BannedTokens:
+    """Never produce these ids (e.g. the tool-call section tokens under `tool_choice: "none"`)."""
+
+    def __init__(self, token_ids: list[int]) -> None:
+        self.token_ids = sorted(set(token_ids))
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        mask = torch.ones(vocab_size, dtype=torch.bool)
+        mask[[t for t in self.token_ids if 0 <= t < vocab_size]] = False
+        return mask
+
+    def accept(self, token_id: int) -> None:
+        """Stateless: nothing to advance."""
+
+
 class ConstraintError(ValueError):
     """The schema cannot be compiled; the message says why."""
 

@@ -22,7 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..chat.parsers import TokenStreamParser, make_tool_call_id, next_tool_call_index
 from ..chat.template import TemplateError, render
-from ..engine.constraints import ConstraintError, JsonConstraint
+from ..engine.constraints import BannedTokens, ConstraintError, JsonConstraint
 from ..media import pack_media
 from .backend import Backend, QueueFullError, StepOutput
 from .media_input import collect_media, expand_placeholders, expand_videos
@@ -131,6 +131,9 @@ class ChatRun:
             sampling["stop_token_ids"] = [*(sampling.get("stop_token_ids") or []),
                                           self.tok.token_to_id("<|tool_call_end|>")]
         forced = self._forced_prefix()
+        if self.constraint is None and self.plan.tools and self.plan.tool_choice == "none":
+            section = [self.tok.token_to_id(t) for t in ("<|tool_calls_section_begin|>", "<|tool_call_begin|>")]
+            sampling["constraint"] = BannedTokens([t for t in section if t is not None])
         if self.constraint is not None:
             sampling["constraint"] = self.constraint
         if (forced or self.constraint is not None) and self.plan.thinking:

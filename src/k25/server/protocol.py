@@ -235,7 +235,7 @@ def plan_chat(req: ChatCompletionRequest, *, strict: bool = False) -> ChatPlan:
         thinking=thinking,
         sampling=sampling,
         max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
-        tools=req.tools if tool_choice != "none" else None,
+        tools=req.tools,  # still declared under "none" (the model may mention them), but never called
         tool_choice=tool_choice,
         forced_function=forced,
         messages=req.messages,
