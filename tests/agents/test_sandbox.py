@@ -104,3 +104,14 @@ def test_cancelling_a_run_kills_the_child():
             await task
 
     asyncio.run(main())  # returns promptly: the child was killed, not waited for
+
+
+def test_bwrap_keeps_an_interpreter_that_lives_in_tmp_visible(monkeypatch):
+    """bwrap mounts a fresh /tmp; a venv under /tmp (a CI clone there) must still be bound in."""
+    from k25.agents import sandbox
+
+    monkeypatch.setattr(sandbox.sys, "prefix", "/tmp/ci-clone/.venv")
+    monkeypatch.setattr(sandbox.sys, "executable", "/tmp/ci-clone/.venv/bin/python")
+    dirs = sandbox._interpreter_dirs_under("/tmp")
+    assert "/tmp/ci-clone/.venv" in dirs and "/tmp/ci-clone/.venv/bin" in dirs
+    assert not any(d.startswith("/usr") for d in dirs)

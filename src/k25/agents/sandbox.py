@@ -155,6 +155,8 @@ def _wrap(kind: str, argv: list[str], workdir: str, probe: bool = False) -> list
         bwrap = _bwrap_binary()
         assert bwrap
         cmd = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+        for path in _interpreter_dirs_under("/tmp"):  # a Python living in /tmp must stay visible
+            cmd += ["--ro-bind", path, path]
         if not probe:
             cmd += ["--bind", workdir, workdir]
         cmd += ["--chdir", workdir, "--unshare-all", "--die-with-parent", "--new-session"]
@@ -162,6 +164,12 @@ def _wrap(kind: str, argv: list[str], workdir: str, probe: bool = False) -> list
     if kind == "unshare":
         return ["unshare", "--user", "--map-root-user", "--net", "--", *argv]
     return argv
+
+
+def _interpreter_dirs_under(root: str) -> list[str]:
+    """The interpreter's prefixes that the sandbox's fresh `root` tmpfs would otherwise hide."""
+    dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable))}
+    return sorted(d for d in dirs if d == root or d.startswith(root.rstrip("/") + "/"))
 
 
 def _set_limits(limits: Limits) -> None:
