@@ -118,3 +118,26 @@ def test_image_upload(page_and_backend):
     assert page.locator(".user img").count() == 1
     assert backend.media is not None and backend.media[1].tolist() == [[1, 4, 4]]
     assert backend.prompts[-1].count("<|media_pad|>") == 4
+
+
+def test_tool_call_then_typed_tool_result(page_and_backend):
+    page, backend, _ = page_and_backend
+    page.wait_for_function("document.getElementById('model').textContent.includes('k25-test')")
+    page.fill("#tools", '[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object",'
+                        '"properties":{"city":{"type":"string"}}}}}]')
+    backend.outputs = [
+        "Need the weather.</think><|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0"
+        '<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>',
+        "Got it.</think>It is 18 degrees in Paris.<|im_end|>",
+    ]
+    page.fill("#prompt", "Weather in Paris?")
+    page.click("#send")
+    page.wait_for_selector(".toolresults input")
+    assert "get_weather" in page.inner_text(".assistant .toolcall")
+    page.fill(".toolresults input", "18C, sunny")
+    page.click(".toolresults button")
+    page.wait_for_function("document.querySelectorAll('.assistant .meta').length == 2")
+    assert page.locator(".assistant .content").nth(1).inner_text() == "It is 18 degrees in Paris."
+    prompt = backend.prompts[-1]
+    assert "## Return of functions.get_weather:0\n18C, sunny" in prompt
+    assert "<think>Need the weather.</think><|tool_calls_section_begin|>" in prompt
