@@ -101,8 +101,9 @@ def _scale_rows(weight: torch.Tensor, factor: torch.Tensor) -> None:
     """``weight[r] *= factor[r]`` in place, for a plain tensor or an FSDP2 row-sharded DTensor."""
     if isinstance(weight, DTensor):
         if any(not (pl.is_replicate() or (pl.is_shard() and pl.dim == 0)) for pl in weight.placements):
-            raise NotImplementedError(f"QK-Clip on a DTensor needs row (Shard(0)) or replicated placement, "
-                                      f"got {weight.placements}")
+            # k25's FSDP2 shards dim 0; a column-sharded q/kv weight would need a gather first.
+            raise ValueError(f"QK-Clip on a DTensor needs row (Shard(0)) or replicated placement, "
+                             f"got {weight.placements}")
         factor = distribute_tensor(factor.view(-1, 1).to(weight.dtype), weight.device_mesh, weight.placements,
                                    src_data_rank=None)
         weight.mul_(factor)
