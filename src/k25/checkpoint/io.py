@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..config import K25Config, TextConfig
+from ..config import TextConfig
 from .int4 import dequantize_int4, pack_int4, quantize_int4
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -379,7 +379,7 @@ def save_tensors(
     return names
 
 
-def checkpoint_prefix_map(config: K25Config, ckpt_prefix: str, want_vision: bool) -> Callable[[str], str | None]:
+def checkpoint_prefix_map(ckpt_prefix: str, want_vision: bool) -> Callable[[str], str | None]:
     """Map checkpoint names onto a model's names: text under `ckpt_prefix`, vision kept or skipped."""
 
     def mapper(name: str) -> str | None:

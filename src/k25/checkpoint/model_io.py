@@ -126,7 +126,7 @@ def load_model(
     load_state_into(
         model,
         reader,
-        prefix_map=checkpoint_prefix_map(config, ckpt_prefix, want_vision=want_vision),
+        prefix_map=checkpoint_prefix_map(ckpt_prefix, want_vision=want_vision),
         text_config=config.text_config,
         dtype=resolve_dtype(dtype, config),
         progress=progress,

@@ -64,7 +64,7 @@ def load_without_routed_experts(path: str | Path, dtype: torch.dtype | str | Non
     moe_layers = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
     for i in moe_layers:
         model.model.layers[i].mlp.experts = _NoExperts()
-    base = checkpoint_prefix_map(config, prefix, want_vision=False)
+    base = checkpoint_prefix_map(prefix, want_vision=False)
 
     def mapper(name: str) -> str | None:
         mapped = base(name)

@@ -33,6 +33,7 @@ from .protocol import (
     CompletionRequest,
     parse_body,
     plan_chat,
+    sampling_fields,
 )
 from .swarm_runs import SwarmRuns
 
@@ -60,6 +61,14 @@ class Metrics:
         running.set_function(lambda: backend.stats().get("running", 0))
         hit = Gauge("k25_prefix_cache_hit_rate", "Cached prompt tokens / prompt tokens", registry=r)
         hit.set_function(self._hit_rate)
+
+    def finished(self, endpoint: str, prompt: int, cached: int, generated: int, started: float) -> None:
+        """Account one successfully answered request."""
+        self.prompt_tokens.inc(prompt)
+        self.cached_tokens.inc(cached)
+        self.generation_tokens.inc(generated)
+        self.requests.labels(endpoint, "200").inc()
+        self.latency.labels(endpoint).observe(time.perf_counter() - started)
 
     def _hit_rate(self) -> float:
         total = self.prompt_tokens._value.get()
@@ -379,8 +388,7 @@ def create_app(
                 run.parser.feed(ids)
         except QueueFullError as e:
             state.metrics.requests.labels("chat", "429").inc()
-            raise APIError(str(e), status=429, type="rate_limit_error",
-                           headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
+            raise _too_busy(e) from None
         run.parser.finish()
         msg = run.final_message()
         choice: dict[str, Any] = {"index": 0, "message": msg, "finish_reason": run.finish(bool(msg.get("tool_calls")))}
@@ -445,14 +453,7 @@ def create_app(
         if not prompt_ids:
             raise APIError("prompt: must not be empty", param="prompt")
         max_tokens = _prompt_budget(len(prompt_ids), 16 if req.max_tokens is None else req.max_tokens)
-        sampling = {
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "top_p": 1.0 if req.top_p is None else req.top_p, "top_k": req.top_k or 0, "min_p": req.min_p or 0.0,
-            "seed": req.seed, "stop": req.stop, "stop_token_ids": req.stop_token_ids,
-            "presence_penalty": req.presence_penalty or 0.0, "frequency_penalty": req.frequency_penalty or 0.0,
-            "repetition_penalty": req.repetition_penalty or 1.0, "logprobs": req.logprobs,
-            "ignore_eos": req.ignore_eos,
-        }
+        sampling = sampling_fields(req, temperature=1.0, top_p=1.0, logprobs=req.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
             gen = _stream_completion(state, rid, prompt_ids, sampling, max_tokens, req, started)
@@ -468,16 +469,11 @@ def create_app(
                 if step.finish_reason:
                     finish = step.finish_reason
         except QueueFullError as e:
-            raise APIError(str(e), status=429, type="rate_limit_error",
-                           headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
+            raise _too_busy(e) from None
         text = backend.tokenizer.decode(out)
         if req.echo:
             text = backend.tokenizer.decode(prompt_ids) + text
-        state.metrics.prompt_tokens.inc(len(prompt_ids))
-        state.metrics.cached_tokens.inc(cached)
-        state.metrics.generation_tokens.inc(len(out))
-        state.metrics.requests.labels("completions", "200").inc()
-        state.metrics.latency.labels("completions").observe(time.perf_counter() - started)
+        state.metrics.finished("completions", len(prompt_ids), cached, len(out), started)
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(out),
                  "total_tokens": len(prompt_ids) + len(out), "prompt_tokens_details": {"cached_tokens": cached}}
         return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
@@ -489,12 +485,13 @@ def create_app(
 
 
 def _account(state: ServerState, run: ChatRun, endpoint: str, started: float) -> None:
-    m = state.metrics
-    m.prompt_tokens.inc(run.prompt_tokens)
-    m.cached_tokens.inc(run.cached_tokens)
-    m.generation_tokens.inc(len(run.completion_ids))
-    m.requests.labels(endpoint, "200").inc()
-    m.latency.labels(endpoint).observe(time.perf_counter() - started)
+    state.metrics.finished(endpoint, run.prompt_tokens, run.cached_tokens, len(run.completion_ids), started)
+
+
+def _too_busy(e: QueueFullError) -> APIError:
+    """A full engine queue as the OpenAI 429, with Retry-After."""
+    return APIError(str(e), status=429, type="rate_limit_error",
+                    headers={"Retry-After": str(max(1, round(e.retry_after)))})
 
 
 async def _first_or_error(gen: AsyncIterator[str], state: ServerState, endpoint: str) -> str:
@@ -503,8 +500,7 @@ async def _first_or_error(gen: AsyncIterator[str], state: ServerState, endpoint:
         return await gen.__anext__()
     except QueueFullError as e:
         state.metrics.requests.labels(endpoint, "429").inc()
-        raise APIError(str(e), status=429, type="rate_limit_error",
-                       headers={"Retry-After": str(max(1, round(e.retry_after)))}) from None
+        raise _too_busy(e) from None
 
 
 async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -588,9 +584,4 @@ async def _stream_completion(state: ServerState, rid: str, prompt_ids: list[int]
                                                      "total_tokens": len(prompt_ids) + n_out,
                                                      "prompt_tokens_details": {"cached_tokens": cached}}})
     yield "data: [DONE]\n\n"
-    m = state.metrics
-    m.prompt_tokens.inc(len(prompt_ids))
-    m.cached_tokens.inc(cached)
-    m.generation_tokens.inc(n_out)
-    m.requests.labels("completions", "200").inc()
-    m.latency.labels("completions").observe(time.perf_counter() - started)
+    state.metrics.finished("completions", len(prompt_ids), cached, n_out, started)

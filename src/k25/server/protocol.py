@@ -217,20 +217,8 @@ def plan_chat(req: ChatCompletionRequest, *, strict: bool = False) -> ChatPlan:
         raise APIError(f"tool_choice={tool_choice!r}: expected auto, none, required or a function", param="tool_choice")
     elif tool_choice == "required" and not req.tools:
         raise APIError("tool_choice='required' needs tools", param="tool_choice")
-    sampling = {
-        "temperature": default_temperature if req.temperature is None else req.temperature,
-        "top_p": DEFAULT_TOP_P if req.top_p is None else req.top_p,
-        "top_k": req.top_k or 0,
-        "min_p": req.min_p or 0.0,
-        "seed": req.seed,
-        "stop": req.stop,
-        "stop_token_ids": req.stop_token_ids,
-        "presence_penalty": req.presence_penalty or 0.0,
-        "frequency_penalty": req.frequency_penalty or 0.0,
-        "repetition_penalty": req.repetition_penalty or 1.0,
-        "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
-        "ignore_eos": req.ignore_eos,
-    }
+    sampling = sampling_fields(req, temperature=default_temperature, top_p=DEFAULT_TOP_P,
+                               logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     return ChatPlan(
         thinking=thinking,
         sampling=sampling,
@@ -241,6 +229,25 @@ def plan_chat(req: ChatCompletionRequest, *, strict: bool = False) -> ChatPlan:
         messages=req.messages,
         json_schema=json_schema,
     )
+
+
+def sampling_fields(req: SamplingFields, *, temperature: float, top_p: float, logprobs: int | None
+                    ) -> dict[str, Any]:
+    """The engine's sampling parameters from a request, with the endpoint's defaults filled in."""
+    return {
+        "temperature": temperature if req.temperature is None else req.temperature,
+        "top_p": top_p if req.top_p is None else req.top_p,
+        "top_k": req.top_k or 0,
+        "min_p": req.min_p or 0.0,
+        "seed": req.seed,
+        "stop": req.stop,
+        "stop_token_ids": req.stop_token_ids,
+        "presence_penalty": req.presence_penalty or 0.0,
+        "frequency_penalty": req.frequency_penalty or 0.0,
+        "repetition_penalty": req.repetition_penalty or 1.0,
+        "logprobs": logprobs,
+        "ignore_eos": req.ignore_eos,
+    }
 
 
 def _response_schema(req: ChatCompletionRequest) -> dict[str, Any] | None:
