@@ -22,14 +22,21 @@ chromium:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "warning: could not install chromium; the playground test will be skipped (it says why)"
 
-# Serve a model behind the OpenAI-compatible API and the playground (http://127.0.0.1:8000/).
-# Until k25-mini is trained and shipped, that model is a random `tiny` checkpoint (official layout,
-# byte-level tokenizer): the whole stack works, the words are noise. PORT=... to change the port.
+# Serve a model behind the OpenAI-compatible API and the playground (http://127.0.0.1:8000/): the
+# built-in k25-mini (src/k25/weights/k25-mini, served as "k25-mini"). On a checkout where its weights
+# have not been generated yet, a random `tiny` checkpoint (official layout, byte-level tokenizer)
+# stands in, with a warning: the whole stack works, the words are noise. PORT=... to change the port.
 PORT ?= 8000
+MINI := src/k25/weights/k25-mini
 run: install
 	$(BIN)/k25 info kimi-k2.5
-	test -f out/tiny-random/tiktoken.model || $(BIN)/k25 init tiny out/tiny-random
-	$(BIN)/k25 serve out/tiny-random --port $(PORT) --served-model-name k25-tiny-random
+	@if [ -f $(MINI)/config.json ]; then \
+	  $(BIN)/k25 serve --port $(PORT); \
+	else \
+	  echo "warning: no k25-mini weights at $(MINI); serving a random tiny checkpoint instead (the words are noise)"; \
+	  { test -f out/tiny-random/tiktoken.model || $(BIN)/k25 init tiny out/tiny-random; } && \
+	  $(BIN)/k25 serve out/tiny-random --port $(PORT) --served-model-name k25-tiny-random; \
+	fi
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -36,11 +36,18 @@ def test_endpoint_from_the_environment(serve, monkeypatch, capsys):
     assert srv.requests[0]["model"] == "env-model"
 
 
-def test_missing_endpoint_is_a_clear_error(monkeypatch, capsys):
-    for var in ("K25_BASE_URL", "OPENAI_BASE_URL"):
+def test_missing_endpoint_and_missing_k25_mini_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    """Without an endpoint the CLI serves k25-mini itself (tests/test_default_model.py); without its weights
+    either, it says both what is missing and how to name an endpoint."""
+    import k25.weights
+
+    for var in ("K25_BASE_URL", "OPENAI_BASE_URL", "K25_MODEL"):
         monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(k25.weights, "DEFAULT_MODEL_DIR", tmp_path / "k25-mini")
     assert main(["agent", "hi"]) == 2
-    assert "no endpoint: pass base_url (--base-url)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no endpoint given (--base-url, $K25_BASE_URL or $OPENAI_BASE_URL)" in err
+    assert "k25-mini is not installed" in err
 
 
 def test_swarm_command(serve, tmp_path, capsys):

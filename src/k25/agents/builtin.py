@@ -1,4 +1,4 @@
-"""Builtin tools: a sandboxed Python interpreter, BM25 search over a folder, workspace files.
+"""Builtin tools: an exact calculator, a sandboxed Python interpreter, BM25 search over a folder, workspace files.
 
 Each factory returns plain :class:`~k25.agents.tools.Tool` objects bound to one resource (a
 sandbox, a corpus, a workspace root), so a swarm can hand every sub-agent the same tools.
@@ -6,8 +6,11 @@ sandbox, a corpus, a workspace root), so a swarm can hand every sub-agent the sa
 
 from __future__ import annotations
 
+import ast
+import operator
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from fractions import Fraction
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +43,87 @@ def code_interpreter(
         return result.report()
 
     return tool(run_python, name=name, timeout=box.limits.wall_seconds + 30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calculator: exact rational arithmetic over a parsed expression (no eval). k25-mini is trained on
+# its results (k25.data re-exports it), so the runtime serves the very tool the data shows.
+
+_BINARY: dict[type, Callable[[Fraction, Fraction], Fraction]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
+
+
+class CalculatorError(ValueError):
+    """An expression the calculator rejects; the message is what the tool returns."""
+
+
+def _eval_node(node: ast.AST) -> Fraction:
+    if isinstance(node, ast.Expression):
+        return _eval_node(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
+        return Fraction(str(node.value))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _eval_node(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp):
+        left, right = _eval_node(node.left), _eval_node(node.right)
+        if isinstance(node.op, ast.Pow):
+            if right.denominator != 1 or abs(right) > 64:
+                raise CalculatorError("exponent must be a whole number between -64 and 64")
+            return left ** int(right)
+        op = _BINARY.get(type(node.op))
+        if op is None:
+            raise CalculatorError(f"unsupported operator {type(node.op).__name__}")
+        if right == 0 and isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)):
+            raise CalculatorError("division by zero")
+        return op(left, right)
+    if isinstance(node, ast.Tuple):
+        raise CalculatorError("commas are not allowed; write numbers without thousands separators")
+    raise CalculatorError(f"unsupported element {type(node).__name__}; use numbers, + - * / // % ** and ()")
+
+
+def format_number(value: Fraction) -> str:
+    """An exact integer as is; a fraction as a decimal rounded to 6 places, trailing zeros removed."""
+    if value.denominator == 1:
+        return str(value.numerator)
+    text = f"{float(round(value, 6)):.6f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def calculate(expression: str) -> str:
+    """The calculator tool: the result as text, or ``Error: ...`` (never raises)."""
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError as e:
+        return f"Error: invalid expression ({e.msg}); use numbers, + - * / // % ** and ()"
+    try:
+        return format_number(_eval_node(tree))
+    except CalculatorError as e:
+        return f"Error: {e}"
+
+
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression exactly and return the result.
+
+    Args:
+        expression: numbers with + - * / // % ** and parentheses, e.g. (12 + 7) * 3; write * for
+            multiplication and numbers without thousands separators.
+    """
+    result = calculate(expression)
+    if result.startswith("Error: "):
+        raise ToolError(result.removeprefix("Error: "))
+    return result
+
+
+def calculator_tool() -> Tool:
+    """The calculator as a :class:`Tool`: the one k25-mini's curriculum calls, so the runtime can serve it."""
+    return tool(calculator)
 
 
 class DocumentSearch:
@@ -208,9 +292,17 @@ def default_tools(
     docs: str | os.PathLike[str] | None = None,
     code: bool = True,
     limits: Limits | None = None,
+    calculator: bool = True,
 ) -> list[Tool]:
-    """The usual kit: the interpreter (sharing the workspace folder when there is one), file tools, search."""
+    """The usual kit: the calculator, the interpreter (sharing the workspace folder when there is one), file
+    tools, search.
+
+    Calculator, interpreter, search is the order k25-mini's curriculum declares them in (its ``agent``
+    family), so the built-in model sees the tool list it was trained on.
+    """
     out: list[Tool] = []
+    if calculator:
+        out.append(calculator_tool())
     if code:
         out.append(code_interpreter(Sandbox(limits), workdir=workspace))
     if workspace is not None:

@@ -2,7 +2,10 @@
 
 The endpoint comes from ``--base-url/--model/--api-key`` or the environment (``K25_BASE_URL`` or
 ``OPENAI_BASE_URL``; ``K25_API_KEY``, ``OPENAI_API_KEY`` or ``MOONSHOT_API_KEY``; ``K25_MODEL``).
-Progress (steps, sub-agents running, tool calls) goes to stderr; the answer to stdout.
+With none, ``k25 agent`` and ``k25 swarm`` start k25's own server in-process on a free localhost
+port with the built-in k25-mini (or the checkpoint directory ``--model`` names) and talk to it
+over HTTP like to any other endpoint. Progress (steps, sub-agents running, tool calls) goes to
+stderr; the answer to stdout.
 """
 
 from __future__ import annotations
@@ -11,11 +14,18 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .model import ENV_MODEL, ChatModel, ModelError, Pricing, env_first
+from .model import ENV_BASE_URL, ENV_MODEL, ChatModel, ModelError, Pricing, env_first
 from .trace import TraceError
+
+if TYPE_CHECKING:
+    from ..server.local import LocalServer
+
+DEFAULT_MAX_CONTEXT = 262_144  # Kimi K2.5's context; a local model uses its own
 
 
 class Progress:
@@ -75,7 +85,43 @@ def _model(args: argparse.Namespace) -> ChatModel:
     return ChatModel(
         model=args.model or env_first(ENV_MODEL) or "kimi-k2.5", base_url=args.base_url, api_key=args.api_key,
         thinking=thinking, thinking_style=args.thinking_style, max_retries=args.retries, stream=args.stream,
+        max_completion_tokens=args.max_tokens,
     )
+
+
+@contextmanager
+def endpoint(args: argparse.Namespace) -> Iterator[LocalServer | None]:
+    """Make sure ``args`` names an endpoint for the run: the given one, or a k25 server started here.
+
+    With ``--base-url`` or ``$K25_BASE_URL``/``$OPENAI_BASE_URL`` nothing changes and this yields
+    None. Otherwise the built-in k25-mini (or the checkpoint directory ``--model``/``$K25_MODEL``
+    names) is served on a free localhost port until the block ends, ``args.base_url``/``args.model``
+    point at it, one line on stderr says so, and the :class:`~k25.server.local.LocalServer` is yielded.
+    """
+    if args.base_url or env_first(ENV_BASE_URL):
+        yield None
+        return
+    from ..server.local import local_server
+    from ..weights import DEFAULT_MODEL_NAME, MissingWeightsError, default_model_dir
+
+    named = args.model or env_first(ENV_MODEL)
+    if named is not None and Path(named).is_dir():
+        model_dir, name = Path(named), Path(named).name
+    elif named is None or named == DEFAULT_MODEL_NAME:
+        try:
+            model_dir, name = default_model_dir(), DEFAULT_MODEL_NAME
+        except MissingWeightsError as e:
+            raise ModelError(f"no endpoint given (--base-url, $K25_BASE_URL or $OPENAI_BASE_URL) and {e}") from None
+    else:
+        raise ModelError(
+            f"model {named!r} needs an endpoint: pass --base-url URL or set K25_BASE_URL / OPENAI_BASE_URL "
+            f"(with no endpoint k25 serves a checkpoint itself: the built-in {DEFAULT_MODEL_NAME}, or the "
+            f"directory --model names)")
+    with local_server(model_dir, name) as srv:
+        args.base_url, args.model = srv.base_url, srv.model_name
+        print(f"k25: no endpoint given (--base-url, $K25_BASE_URL or $OPENAI_BASE_URL): serving {srv.model_name} "
+              f"from {srv.directory} at {srv.base_url} for this run", file=sys.stderr, flush=True)
+        yield srv
 
 
 def _tools(args: argparse.Namespace) -> list[Any]:
@@ -101,9 +147,11 @@ def _report(summary: dict[str, Any], answer: str | None, as_json: bool) -> None:
 def cmd_agent(args: argparse.Namespace) -> int:
     from .agent import Agent, AgentConfig
 
-    config = AgentConfig(max_steps=args.max_steps, pricing=_pricing(args), max_context_tokens=args.max_context)
-    agent = Agent(_model(args), _tools(args), args.system, config)
-    res = asyncio.run(agent.run(args.task, trace=args.trace, resume=args.resume, on_event=Progress(args.quiet)))
+    with endpoint(args) as local:
+        max_context = args.max_context or (local.max_model_len if local is not None else DEFAULT_MAX_CONTEXT)
+        config = AgentConfig(max_steps=args.max_steps, pricing=_pricing(args), max_context_tokens=max_context)
+        agent = Agent(_model(args), _tools(args), args.system, config)
+        res = asyncio.run(agent.run(args.task, trace=args.trace, resume=args.resume, on_event=Progress(args.quiet)))
     _report({"stop_reason": res.stop_reason, "steps": res.steps, "tool_calls": res.tool_calls,
              "prompt_tokens": res.usage.prompt_tokens, "completion_tokens": res.usage.completion_tokens,
              "cost_usd": round(res.cost, 6), "wall_seconds": round(res.wall_seconds, 2)}, res.answer, args.json)
@@ -118,8 +166,10 @@ def cmd_swarm(args: argparse.Namespace) -> int:
         orchestrator_steps=args.orchestrator_steps, subagent_steps=args.subagent_steps,
         max_concurrency=args.max_concurrency, task_timeout=args.task_timeout, pricing=_pricing(args),
     )
-    swarm = Swarm(_model(args), _tools(args), config, system_prompt=args.system)
-    res = asyncio.run(swarm.run(args.task, run_dir=args.run_dir, resume=args.resume, on_event=Progress(args.quiet)))
+    with endpoint(args):
+        swarm = Swarm(_model(args), _tools(args), config, system_prompt=args.system)
+        res = asyncio.run(swarm.run(args.task, run_dir=args.run_dir, resume=args.resume,
+                                    on_event=Progress(args.quiet)))
     _report(res.summary(), res.answer, args.json)
     return 0 if res.stop_reason == "answer" else 1
 
@@ -166,13 +216,17 @@ def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namesp
 def _endpoint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("endpoint")
     g.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
-                                      "(default: $K25_BASE_URL or $OPENAI_BASE_URL)")
-    g.add_argument("--model", help="model name (default: $K25_MODEL or kimi-k2.5)")
+                                      "(default: $K25_BASE_URL or $OPENAI_BASE_URL; with neither, agent and swarm "
+                                      "serve the built-in k25-mini on localhost)")
+    g.add_argument("--model", help="model name (default: $K25_MODEL or kimi-k2.5); with no endpoint, a checkpoint "
+                                   "directory to serve locally instead of k25-mini")
     g.add_argument("--api-key", help="API key (default: $K25_API_KEY, $OPENAI_API_KEY or $MOONSHOT_API_KEY)")
     g.add_argument("--thinking", choices=("default", "on", "off"), default="default",
                    help="off = Instant mode; default sends nothing (K2.5 thinks by default)")
     g.add_argument("--thinking-style", choices=("both", "moonshot", "vllm"), default="both",
                    help="how to send --thinking: Moonshot's 'thinking' field, vLLM's chat_template_kwargs, or both")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="cap on each model reply's tokens (max_completion_tokens; default: the server's)")
     g.add_argument("--retries", type=int, default=4, help="retries per model call on 429/5xx/transport errors")
     g.add_argument("--stream", action="store_true", help="stream replies; each tool starts as soon as its call "
                                                          "has streamed in")
@@ -200,7 +254,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("agent", help="run a task in Agent mode against an OpenAI-compatible endpoint")
     _run_args(p)
     p.add_argument("--max-steps", type=int, default=300)
-    p.add_argument("--max-context", type=int, default=262_144, help="context size that triggers compaction at 85%%")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="context size that triggers compaction at 85%% (default: 262144, or the local model's)")
     p.add_argument("--trace", help="JSONL trace file (needed for --resume)")
     p.set_defaults(func=_guard(cmd_agent))
 

@@ -3,47 +3,31 @@
 The schemas are the ones the agents runtime serves (``calculator(expression)``, ``python(code)``,
 ``search(query, k)``, ``create_subagent(name, system_prompt)``, ``assign_task(agent, prompt)``),
 so a model trained on this data calls tools the runtime accepts. Every tool result written into
-the data comes from running these executors, never from typed-in values.
+the data comes from running these executors, never from typed-in values. The calculator lives in
+the runtime (``k25.agents.builtin``) and is re-exported here, so both use one implementation.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import functools
 import io
 import json
-import operator
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from ..agents.builtin import CalculatorError, calculate, calculator, calculator_tool, format_number
+
+__all__ = [
+    "ORCHESTRATOR_TOOLS", "PYTHON_TOOL", "CalculatorError", "calculate", "calculator", "calculator_tool",
+    "check_tool_call", "create_subagent_results", "format_number", "is_error", "run_python", "runtime_specs",
+    "tool_schemas",
+]
+
 PYTHON_TOOL = "code_interpreter"  # the runtime's name for its interpreter (k25.agents.builtin)
 ORCHESTRATOR_TOOLS = ("create_subagent", "assign_task", "assign_batch")
-
-
-def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression exactly and return the result.
-
-    Args:
-        expression: numbers with + - * / // % ** and parentheses, e.g. (12 + 7) * 3; write * for
-            multiplication and numbers without thousands separators.
-    """
-    from ..agents.tools import ToolError
-
-    result = calculate(expression)
-    if result.startswith("Error: "):
-        raise ToolError(result.removeprefix("Error: "))
-    return result
-
-
-def calculator_tool() -> Any:
-    """The calculator as a :class:`k25.agents.tools.Tool`, so the runtime serves the one the data uses."""
-    from ..agents.tools import tool
-
-    return tool(calculator)
 
 
 class _Unused:
@@ -148,68 +132,6 @@ def check_tool_call(name: str, arguments: str, tools: Sequence[Mapping[str, Any]
         if "enum" in spec and value not in spec["enum"]:
             errors.append(f"{name}.{key}: {value!r} is not one of {spec['enum']}")
     return errors
-
-
-# ---------------------------------------------------------------------------------------------
-# Calculator: exact rational arithmetic over a parsed expression (no eval).
-
-_BINARY: dict[type, Callable[[Fraction, Fraction], Fraction]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-}
-
-
-class CalculatorError(ValueError):
-    """An expression the calculator rejects; the message is what the tool returns."""
-
-
-def _eval_node(node: ast.AST) -> Fraction:
-    if isinstance(node, ast.Expression):
-        return _eval_node(node.body)
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-        return Fraction(str(node.value))
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        value = _eval_node(node.operand)
-        return -value if isinstance(node.op, ast.USub) else value
-    if isinstance(node, ast.BinOp):
-        left, right = _eval_node(node.left), _eval_node(node.right)
-        if isinstance(node.op, ast.Pow):
-            if right.denominator != 1 or abs(right) > 64:
-                raise CalculatorError("exponent must be a whole number between -64 and 64")
-            return left ** int(right)
-        op = _BINARY.get(type(node.op))
-        if op is None:
-            raise CalculatorError(f"unsupported operator {type(node.op).__name__}")
-        if right == 0 and isinstance(node.op, (ast.Div, ast.FloorDiv, ast.Mod)):
-            raise CalculatorError("division by zero")
-        return op(left, right)
-    if isinstance(node, ast.Tuple):
-        raise CalculatorError("commas are not allowed; write numbers without thousands separators")
-    raise CalculatorError(f"unsupported element {type(node).__name__}; use numbers, + - * / // % ** and ()")
-
-
-def format_number(value: Fraction) -> str:
-    """An exact integer as is; a fraction as a decimal rounded to 6 places, trailing zeros removed."""
-    if value.denominator == 1:
-        return str(value.numerator)
-    text = f"{float(round(value, 6)):.6f}".rstrip("0").rstrip(".")
-    return "0" if text == "-0" else text
-
-
-def calculate(expression: str) -> str:
-    """The calculator tool: the result as text, or ``Error: ...`` (never raises)."""
-    try:
-        tree = ast.parse(expression.strip(), mode="eval")
-    except SyntaxError as e:
-        return f"Error: invalid expression ({e.msg}); use numbers, + - * / // % ** and ()"
-    try:
-        return format_number(_eval_node(tree))
-    except CalculatorError as e:
-        return f"Error: {e}"
 
 
 # ---------------------------------------------------------------------------------------------

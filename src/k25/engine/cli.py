@@ -41,14 +41,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def chat_model(model: str | None) -> str:
+    """What ``k25 chat`` loads: the given directory or preset, else the shipped k25-mini (a clear exit if absent)."""
+    if model is not None:
+        return model
+    from ..weights import MissingWeightsError, default_model_dir
+
+    try:
+        return str(default_model_dir())
+    except MissingWeightsError as e:
+        raise SystemExit(f"k25 chat: {e}") from None
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """A terminal chat: each line you type is a user turn; the reply is parsed (reasoning shown dimmed)."""
     from .llm import LLM
     from .sampling import SamplingParams
 
-    llm = LLM(args.model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed)
+    model = chat_model(args.model)
+    llm = LLM(model, tokenizer=args.tokenizer, dtype=args.dtype, seed=args.seed)
     if llm.tokenizer is None:
-        raise SystemExit(f"k25 chat: {args.model} has no tokenizer (tiktoken.model); pass --tokenizer DIR")
+        raise SystemExit(f"k25 chat: {model} has no tokenizer (tiktoken.model); pass --tokenizer DIR")
     thinking = not args.instant
     temperature = args.temperature if args.temperature is not None else (1.0 if thinking else 0.6)
     params = SamplingParams(temperature=temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
@@ -85,8 +98,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="dtype of the non-expert tensors (default: the config's)")
     p.set_defaults(func=cmd_quantize)
 
-    p = subparsers.add_parser("chat", help="chat with a checkpoint in the terminal")
-    p.add_argument("model", help="checkpoint directory (with tiktoken.model) or preset name with --tokenizer")
+    p = subparsers.add_parser("chat", help="chat with a checkpoint (default: k25-mini) in the terminal")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory (with tiktoken.model) or preset name with --tokenizer "
+                        "(default: the built-in k25-mini)")
     p.add_argument("--tokenizer", default=None, help="directory with tiktoken.model (default: the checkpoint's)")
     p.add_argument("--instant", action="store_true", help="Instant mode (no reasoning)")
     p.add_argument("--system", default=None, help="system prompt")

@@ -21,27 +21,30 @@ def how_to_talk(name: str, url: str, api_key: str | None) -> str:
   Instant mode: add {{"thinking": {{"type": "disabled"}}}} to the request (extra_body= in the openai client)."""
 
 
+def model_and_name(model: str | None, served_model_name: str | None) -> tuple[Path, str]:
+    """The directory to serve and the id clients send: the shipped k25-mini (named ``k25-mini``) when
+    no model is given, else the directory (named after its folder unless ``--served-model-name``)."""
+    from ..weights import DEFAULT_MODEL_NAME, default_model_dir
+
+    if model is None:
+        return default_model_dir(), served_model_name or DEFAULT_MODEL_NAME
+    directory = Path(model)
+    return directory, served_model_name or directory.name
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..chat.tokenizer import KimiTokenizer
-    from ..checkpoint.model_io import load_model, text_model
-    from ..engine.engine import EngineConfig, LLMEngine
-    from ..model.multimodal import K25ForConditionalGeneration
     from .app import create_app
-    from .engine_backend import EngineBackend
+    from .local import load_backend
 
-    directory = Path(args.model)
-    if not (directory / "tiktoken.model").exists():
-        raise SystemExit(f"{directory}: no tiktoken.model there; `k25 serve` needs a checkpoint with its tokenizer")
-    tokenizer = KimiTokenizer.from_pretrained(directory)
-    full = load_model(directory, dtype=args.dtype, vision=None if args.vision else False)
-    vision = full if isinstance(full, K25ForConditionalGeneration) else None
-    engine = LLMEngine(text_model(full), EngineConfig(cache_tokens=args.cache_tokens, max_num_seqs=args.max_num_seqs),
-                       tokenizer=tokenizer)
-    name = args.served_model_name or directory.name
-    backend = EngineBackend(engine, tokenizer, name, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
-                            vision_model=vision)
+    try:
+        directory, name = model_and_name(args.model, args.served_model_name)
+        backend = load_backend(directory, name, dtype=args.dtype, vision=args.vision, cache_tokens=args.cache_tokens,
+                               max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
+                               max_model_len=args.max_model_len)
+    except FileNotFoundError as e:  # no k25-mini weights, or a folder without its tokenizer
+        raise SystemExit(f"k25 serve: {e}") from None
     api_key = args.api_key or os.environ.get("K25_API_KEY")
     app = create_app(backend, strict_kimi_api=args.strict_kimi_api, api_key=api_key,
                      allowed_local_media_path=args.allowed_local_media_path)
@@ -54,11 +57,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="serve a checkpoint behind the OpenAI-compatible API and the playground")
-    p.add_argument("model", help="checkpoint directory (config.json, safetensors, tiktoken.model)")
+    p = subparsers.add_parser("serve", help="serve a checkpoint (default: k25-mini) behind the OpenAI-compatible "
+                                            "API and the playground")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint directory (config.json, safetensors, tiktoken.model), e.g. a Kimi K2.5 download "
+                        "(default: the built-in k25-mini)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: directory name)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: the directory name; k25-mini for the built-in model)")
     p.add_argument("--strict-kimi-api", action="store_true",
                    help="reproduce the official platform's rules (fixed sampling values, reasoning_content checks)")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests before answering 429")
