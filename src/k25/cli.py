@@ -10,6 +10,7 @@ from pathlib import Path
 # Subsystems that add their own subcommands through `register(subparsers)`.
 SUBCOMMAND_MODULES = (
     "k25.chat.cli", "k25.train.cli", "k25.engine.cli", "k25.agents.cli", "k25.data.cli", "k25.server.cli",
+    "k25.eval.cli",
 )
 
 

@@ -1,0 +1,295 @@
+"""The model side of ``k25 eval``: a small pluggable interface, batching, and the runtime's model adapter.
+
+Anything that completes a batch of rendered K2.5 prompts can be evaluated: the interface is one
+method, :meth:`Generator.generate` (prompt texts in, :class:`Completion` texts out). The real one
+is :class:`EngineGenerator` (``k25.LLM``, greedy); tests plug in :class:`k25.eval.replay.ReplayModel`.
+
+The conversations themselves are driven by the agents runtime (:class:`k25.agents.Agent` and
+:class:`k25.agents.Swarm`), exactly as ``k25 agent``/``k25 swarm`` drive them, so tool execution,
+error texts, call ids and critical-step accounting are the runtime's. Those call an OpenAI-style
+``complete(messages, tools)``; :class:`EvalChatModel` answers it in-process the way k25's server
+and the ``openai`` client would (K2.5 template, the chat parsers, ``functions.NAME:IDX`` ids), and
+scores every tool call the model emits on the way. :class:`Batcher` gathers the requests of all
+conversations in flight into one ``generate`` call, so the engine batches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from ..agents.model import ModelReply, Usage, assistant_message
+from ..chat.parsers import ParsedOutput, make_tool_call_id, next_tool_call_index, parse_output
+from ..chat.template import GENERATION_PROMPT_THINKING, render
+from ..data.tools import check_tool_call
+
+
+class EvalError(ValueError):
+    """Bad ``k25 eval`` input (data directory, family names, model directory); the message says what to fix."""
+
+
+@dataclass
+class Completion:
+    """One generated assistant turn: the text after the generation prompt (no closing ``<|im_end|>``).
+
+    ``reasoning_tokens`` counts the tokens up to and including ``</think>`` (all of them if the
+    reasoning never closed), as the server reports ``completion_tokens_details.reasoning_tokens``.
+    """
+
+    text: str
+    tokens: int = 0
+    reasoning_tokens: int = 0
+    prompt_tokens: int = 0
+    finish_reason: str | None = "stop"
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What ``k25 eval`` needs from a model: greedy completions of a batch of rendered prompts, in order.
+
+    An implementation may also offer ``text_loss(texts) -> [(summed NLL in nats, predicted tokens)]``
+    (teacher-forced), which the prose families are scored with; without it they are reported as n/a.
+    """
+
+    def generate(self, prompts: Sequence[str]) -> list[Completion]: ...
+
+
+class Batcher:
+    """Turns the single requests of many concurrent conversations into batched ``generate`` calls.
+
+    A batch is sent once requests stop arriving for ``linger`` seconds (the conversations that are
+    running tools get a moment to catch up); it runs in a worker thread, so tools keep running and
+    new requests queue for the next batch meanwhile. One batch runs at a time.
+    """
+
+    def __init__(self, generator: Generator, linger: float = 0.01) -> None:
+        self.generator = generator
+        self.linger = linger
+        self.queue: list[tuple[str, asyncio.Future[Completion]]] = []
+        self.batches = 0
+        self.largest = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def complete(self, prompt: str) -> Completion:
+        """The completion of one prompt, generated together with whatever else is pending."""
+        future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
+        self.queue.append((prompt, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self.queue:
+            seen = -1
+            while seen != len(self.queue):  # wait until arrivals stop
+                seen = len(self.queue)
+                await asyncio.sleep(self.linger)
+            batch, self.queue = self.queue, []
+            self.batches += 1
+            self.largest = max(self.largest, len(batch))
+            try:
+                outs = await asyncio.to_thread(self.generator.generate, [p for p, _ in batch])
+                if len(outs) != len(batch):
+                    raise RuntimeError(f"the model returned {len(outs)} completions for {len(batch)} prompts")
+            except Exception as e:  # every waiting conversation learns of it
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), out in zip(batch, outs, strict=True):
+                if not fut.done():
+                    fut.set_result(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool-call validity: what k25 eval scores on every assistant turn.
+
+# Parser anomalies that are not about tool calls (a reply cut off while reasoning, text after the end).
+_NOT_TOOL_ERRORS = ("output ended inside reasoning", "text after the end of the message")
+
+
+@dataclass
+class TurnCheck:
+    """Tool calls one assistant turn emitted: how many, how many valid, and what was wrong."""
+
+    calls: int = 0
+    valid: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def check_turn(parsed: ParsedOutput, tools: Sequence[dict[str, Any]] | None) -> TurnCheck:
+    """Score the tool calls of one parsed turn against the declared tools.
+
+    A call is valid when the parser found it well-formed (id, closing marker, JSON arguments), it
+    names a declared tool and its arguments fit the schema (:func:`k25.data.check_tool_call`). A
+    malformed tool-call section (stray or missing markers, text between calls) makes every call of
+    the turn invalid, and counts as one invalid call when it holds none.
+    """
+    section = [e for e in parsed.errors if not e.startswith(("tool call ", *_NOT_TOOL_ERRORS))]
+    out = TurnCheck()
+    for c in parsed.tool_calls:
+        why = ([c.error] if c.error else []) + check_tool_call(c.name, c.arguments, tools) + section
+        out.calls += 1
+        if why:
+            out.problems.append(f"{c.name or '(no name)'}: {'; '.join(why)}")
+        else:
+            out.valid += 1
+    if section and not parsed.tool_calls:
+        out.calls += 1
+        out.problems.append(f"malformed tool-call section: {'; '.join(section)}")
+    return out
+
+
+@dataclass
+class Tally:
+    """Per-conversation accounting (shared by a swarm's orchestrator and its sub-agents)."""
+
+    turns: int = 0
+    calls: int = 0
+    valid: int = 0
+    problems: list[str] = field(default_factory=list)
+    truncated: int = 0  # turns that hit --max-tokens or the context length
+
+    def add(self, check: TurnCheck, completion: Completion) -> None:
+        self.turns += 1
+        self.calls += check.calls
+        self.valid += check.valid
+        self.problems += check.problems
+        self.truncated += completion.finish_reason in ("length", "context_full")
+
+
+class EvalChatModel:
+    """The agents runtime's model interface (``complete``, ``clone``, ``model``, ``stream``) served in-process.
+
+    Each ``complete`` renders the conversation with the K2.5 template in the record's mode, gets a
+    completion through the batcher, parses it with :mod:`k25.chat.parsers`, numbers the calls
+    ``functions.NAME:IDX`` across the conversation as k25's server does and converts the message as
+    the ``openai`` client path does (:func:`k25.agents.model.assistant_message`), so the history the
+    runtime keeps is the one it would keep against ``k25 serve``. Every turn's tool calls are scored
+    into ``tally``.
+    """
+
+    stream = False
+
+    def __init__(self, batcher: Batcher, thinking: bool, tally: Tally, name: str = "k25-eval") -> None:
+        self.batcher = batcher
+        self.thinking = thinking
+        self.tally = tally
+        self.model = name
+
+    def clone(self, **_: Any) -> EvalChatModel:
+        """The swarm clones its sub-agent model (to hook rate limits, which cannot happen here)."""
+        return EvalChatModel(self.batcher, self.thinking, self.tally, self.model)
+
+    async def complete(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **_: Any
+    ) -> ModelReply:
+        """One assistant turn for ``messages`` with ``tools`` declared."""
+        prompt = render(messages, tools, thinking=self.thinking, add_generation_prompt=True)
+        out = await self.batcher.complete(prompt)
+        parsed = parse_output(out.text, thinking=self.thinking)
+        self.tally.add(check_turn(parsed, tools), out)
+        message = parsed.to_message()
+        base = next_tool_call_index(messages)
+        for i, call in enumerate(message.get("tool_calls") or []):
+            call["id"] = make_tool_call_id(call["function"]["name"], base + i)
+        usage = Usage(1, out.prompt_tokens, out.tokens, 0, out.reasoning_tokens)
+        return ModelReply(assistant_message(message, messages), usage, out.finish_reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model: k25.LLM, greedy.
+
+
+class EngineGenerator:
+    """A checkpoint served by ``k25.LLM`` (continuous batching within each batch), greedy decoding.
+
+    A prompt longer than the model's context gets an empty completion with finish reason
+    ``context_full`` instead of failing the whole batch.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_tokens: int = 512,
+        experts: str = "auto",
+        concurrency: int = 16,
+        tokenizer: str | Path | None = None,
+        dtype: str | None = None,
+    ) -> None:
+        from ..chat.tokenizer import KimiTokenizer
+        from ..config import K25Config
+        from ..engine import LLM
+
+        directory = Path(model_dir)
+        if not directory.is_dir():
+            raise EvalError(f"model directory {directory} does not exist")
+        if not (directory / "config.json").is_file():
+            raise EvalError(f"{directory} is not a checkpoint directory (no config.json)")
+        tok_dir = Path(tokenizer) if tokenizer is not None else directory
+        if not (tok_dir / "tiktoken.model").is_file():
+            raise EvalError(
+                f"{tok_dir} has no tokenizer (tiktoken.model): k25 eval renders chat prompts as text; "
+                "pass --tokenizer DIR"
+            )
+        max_len = K25Config.from_json_file(directory).text_config.max_position_embeddings
+        self.llm = LLM(directory, tokenizer=KimiTokenizer.from_pretrained(tok_dir), experts=experts, dtype=dtype,
+                       max_num_seqs=concurrency, cache_tokens=max(32768, concurrency * min(max_len, 4096)))
+        self.tokenizer = self.llm.tokenizer
+        self.max_tokens = max_tokens
+        self.max_len = max_len
+        self.think_end = self.tokenizer.token_to_id("</think>")
+        self.stop_ids = self.llm.engine.eos_ids
+
+    def generate(self, prompts: Sequence[str]) -> list[Completion]:
+        """Greedy completions of ``prompts``, all in one engine run."""
+        from ..engine import SamplingParams
+
+        ids = [self.tokenizer.encode(p, allow_special_tokens=True) for p in prompts]
+        fits = [i for i, x in enumerate(ids) if len(x) < self.max_len]
+        params = SamplingParams(temperature=0.0, max_tokens=self.max_tokens)
+        outs = self.llm.generate([ids[i] for i in fits], [params] * len(fits)) if fits else []
+        done: dict[int, Completion] = {}
+        for i, out in zip(fits, outs, strict=True):
+            gen = list(out.output_ids)
+            if gen and out.finish_reason == "stop" and gen[-1] in self.stop_ids:
+                gen = gen[:-1]
+            reasoning = 0
+            if prompts[i].endswith(GENERATION_PROMPT_THINKING):
+                reasoning = gen.index(self.think_end) + 1 if self.think_end in gen else len(gen)
+            done[i] = Completion(self.tokenizer.decode(gen), len(out.output_ids), reasoning, len(ids[i]),
+                                 out.finish_reason)
+        return [done.get(i, Completion("", 0, 0, len(ids[i]), "context_full")) for i in range(len(prompts))]
+
+    def text_loss(self, texts: Sequence[str]) -> list[tuple[float, int]]:
+        """Teacher-forced (summed NLL, predicted tokens) of each text, tokenized as training does.
+
+        The text is encoded without special tokens and ends in EOS (``k25.train.data.curriculum_example``);
+        texts longer than the context are cut to it.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        out = []
+        model = self.llm.model
+        for text in texts:
+            ids = (self.tokenizer.encode(text, allow_special_tokens=False) + [self.tokenizer.eos_id])[: self.max_len]
+            if len(ids) < 2:
+                out.append((0.0, 0))
+                continue
+            x = torch.tensor([ids])
+            with torch.no_grad():
+                logits = model(x)
+            nll = F.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum")
+            out.append((float(nll), len(ids) - 1))
+        return out
+
+
+def describe(generator: Any) -> str:
+    """A short name for reports."""
+    llm = getattr(generator, "llm", None)
+    return str(llm.source) if llm is not None else type(generator).__name__
+
