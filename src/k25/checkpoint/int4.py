@@ -42,6 +42,17 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return (u.flatten(-2)[..., :cols] - 8).to(torch.int8)
 
 
+def _group_scale_and_q(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., in] → (q [..., in/group, group] as float, scale [..., in/group] in ``scale_dtype``)."""
+    in_f = w.shape[-1]
+    if in_f % group_size:
+        raise ValueError(f"input dim {in_f} is not a multiple of group_size {group_size}")
+    g = w.float().unflatten(-1, (in_f // group_size, group_size))
+    scale = (g.abs().amax(-1) / QMAX).clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
+    q = torch.round(g / scale.float()[..., None]).clamp(QMIN, QMAX)
+    return q, scale
+
+
 def quantize_int4(
     w: torch.Tensor, group_size: int = 32, scale_dtype: torch.dtype = torch.bfloat16
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,13 +61,22 @@ def quantize_int4(
     scale = max|w| / 7 per group (compressed-tensors' minmax observer, symmetric int4), rounded
     to `scale_dtype` first so that q = clamp(round(w / scale), -8, 7) uses the stored scale.
     """
-    out_f, in_f = w.shape
-    if in_f % group_size:
-        raise ValueError(f"input dim {in_f} is not a multiple of group_size {group_size}")
-    g = w.float().view(out_f, in_f // group_size, group_size)
-    scale = (g.abs().amax(-1) / QMAX).clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
-    q = torch.round(g / scale.float()[..., None]).clamp(QMIN, QMAX).to(torch.int8)
-    return q.view(out_f, in_f), scale
+    q, scale = _group_scale_and_q(w, group_size, scale_dtype)
+    return q.to(torch.int8).view(w.shape), scale
+
+
+def fake_quantize_int4(
+    w: torch.Tensor, group_size: int = 32, scale_dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Quantization-aware training: the INT4 round trip of ``w`` [..., in] with a straight-through gradient.
+
+    The forward value is exactly what :func:`quantize_int4` + :func:`dequantize_int4` give (same
+    scale rounding), so a QAT-trained weight exports to ``pack-quantized`` without further error;
+    the backward pass treats the rounding as identity (the straight-through estimator).
+    """
+    q, scale = _group_scale_and_q(w.detach(), group_size, scale_dtype)
+    deq = (q * scale.float()[..., None]).flatten(-2).to(w.dtype)
+    return w + (deq - w).detach()
 
 
 def dequantize_int4(

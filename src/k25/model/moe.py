@@ -13,6 +13,7 @@ Two ways to run the routed experts, chosen by ``MoE.impl``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -68,6 +69,16 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(e, i, h))
         self.up_proj = nn.Parameter(torch.empty(e, i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        # Training only: a transform of the weights before use (quantization-aware training sets
+        # a fake INT4 round trip here); None at inference.
+        self.weight_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate, up, down) as the forward pass uses them."""
+        ws = (self.gate_proj, self.up_proj, self.down_proj)
+        if self.weight_transform is None:
+            return ws
+        return tuple(self.weight_transform(w) for w in ws)  # type: ignore[return-value]
 
     def forward(
         self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, impl: ExpertsImpl = "grouped"
@@ -81,9 +92,10 @@ class Experts(nn.Module):
         token = order // k
         offsets = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
         xs = x[token]
-        gate = F.grouped_mm(xs, self.gate_proj.transpose(1, 2), offs=offsets)
-        up = F.grouped_mm(xs, self.up_proj.transpose(1, 2), offs=offsets)
-        ys = F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        w_gate, w_up, w_down = self.weights()
+        gate = F.grouped_mm(xs, w_gate.transpose(1, 2), offs=offsets)
+        up = F.grouped_mm(xs, w_up.transpose(1, 2), offs=offsets)
+        ys = F.grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs=offsets)
         ys = ys.float() * weights.reshape(-1)[order, None]
         return torch.zeros(n, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, ys).to(x.dtype)
 
@@ -92,9 +104,10 @@ class Experts(nn.Module):
         combine = torch.zeros(x.shape[0], self.n_experts, dtype=torch.float32, device=x.device)
         combine.scatter_add_(1, idx, weights.float())
         out = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.float32, device=x.device)
+        w_gate, w_up, w_down = self.weights()
         for e in range(self.n_experts):
-            h = F.silu(x @ self.gate_proj[e].T) * (x @ self.up_proj[e].T)
-            out += (h @ self.down_proj[e].T).float() * combine[:, e : e + 1]
+            h = F.silu(x @ w_gate[e].T) * (x @ w_up[e].T)
+            out += (h @ w_down[e].T).float() * combine[:, e : e + 1]
         return out.to(x.dtype)
 
 

@@ -51,7 +51,7 @@ class ExpertLoad:
                 worst = max(worst, float(load.max() / mean))
                 if rate:
                     bias = moe.gate.e_score_correction_bias
-                    bias.add_(torch.sign(mean - load).to(bias.dtype), alpha=rate)
+                    bias.add_(torch.sign(mean - load).to(bias.device, bias.dtype), alpha=rate)
         for count in self.counts:
             count.zero_()
         return worst

@@ -25,8 +25,9 @@ def _tau(text: str) -> float | None:
 
 
 def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
-    p.add_argument("data", nargs="+", help=".txt / .jsonl {text} files" if task == "pretrain"
-                   else ".jsonl files of {messages, tools?} conversations")
+    p.add_argument("data", nargs="+", help=".txt / .jsonl {text} files, or k25 data records (chats trained "
+                   "whole, with their special tokens)" if task == "pretrain"
+                   else ".jsonl files of {messages, tools?} conversations or k25 data records")
     p.add_argument("--out", required=True, help="run directory (checkpoints/, metrics.jsonl); resumes if present")
     p.add_argument("--model", default="tiny", help="preset name or checkpoint directory (default: tiny)")
     p.add_argument("--override", action="append", type=_override, default=[], metavar="KEY=VALUE",
@@ -50,7 +51,10 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--qk-clip-tau", type=_tau, default=100.0, help="QK-Clip threshold τ ('none': off)")
     p.add_argument("--bias-update-rate", type=float, default=1e-3, help="MoE correction-bias step (0: off)")
     p.add_argument("--seq-aux-alpha", type=float, default=0.0, help="sequence-wise balance loss weight")
-    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="CPU autocast precision")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast precision")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (one process; torchrun for several)")
+    p.add_argument("--qat", choices=["none", "int4"], default="none",
+                   help="quantization-aware training: fake INT4 (group 32, symmetric, STE) on the routed experts")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="under torchrun: replicated data parallel, or FSDP2-sharded parameters and optimizer state")
     p.add_argument("--eval-data", nargs="*", default=[], help="held-out files (default: split off the data)")
@@ -62,7 +66,9 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     if task == "sft":
-        p.add_argument("--instant", action="store_true", help="render conversations in Instant mode")
+        p.add_argument("--instant", action="store_true", help="render conversations in Instant mode "
+                       "(k25 data records always use their own mode)")
+        p.add_argument("--pack", action="store_true", help="several conversations per sequence (no padding waste)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -77,6 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, schedule=args.schedule, min_lr_ratio=args.min_lr_ratio,
         decay_fraction=args.decay_fraction, grad_clip=args.grad_clip, qk_clip_tau=args.qk_clip_tau,
         bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha, amp=args.amp, parallel=args.parallel,
+        device=args.device, qat=args.qat, pack=getattr(args, "pack", False),
         eval_data=args.eval_data, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
         eval_batches=args.eval_batches, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         seed=args.seed, thinking=not getattr(args, "instant", False), progress=not args.no_progress,

@@ -54,6 +54,54 @@ def _read_jsonl(path: Path) -> Iterable[tuple[int, Any]]:
                     raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
 
 
+def is_curriculum_record(obj: Any) -> bool:
+    """A ``k25 data`` record (``family`` plus ``messages`` or ``text``): trained by :func:`curriculum_example`."""
+    return isinstance(obj, dict) and "family" in obj and bool(obj.get("messages") or obj.get("text"))
+
+
+def curriculum_example(
+    record: Mapping[str, Any], tokenizer: KimiTokenizer, loss_on_prompts: bool = False
+) -> ChatExample:
+    """Tokens and loss mask of a ``k25 data`` record, in its own mode (thinking or instant).
+
+    Every assistant turn is a target, except turns whose tool call the data shows failing (the
+    model learns the recovery, not the mistake); prompts, tool results and history are context.
+    Each segment is tokenized on its own, exactly as at inference, where the prompt is encoded
+    and the reply generated. A prose record is one target ending in EOS. ``loss_on_prompts``
+    makes every token a target (pretraining on the mixture).
+    """
+    from ..data import training_segments
+
+    if not record.get("messages"):
+        ids = tokenizer.encode(str(record["text"]), allow_special_tokens=False) + [tokenizer.eos_id]
+        return ChatExample(ids, [True] * len(ids))
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, target in training_segments(dict(record), mask_failed=not loss_on_prompts):
+        part = tokenizer.encode(text, allow_special_tokens=True)
+        ids.extend(part)
+        mask.extend([target or loss_on_prompts] * len(part))
+    return ChatExample(ids, mask)
+
+
+def read_pretrain_tokens(paths: Sequence[str | Path], tokenizer: KimiTokenizer) -> np.ndarray:
+    """One token stream from ``.txt`` / ``.jsonl {text}`` files and ``k25 data`` records (chats with their specials)."""
+    stream: list[int] = []
+    for p in map(Path, paths):
+        if p.suffix == ".jsonl" and p.is_file():
+            records = list(_read_jsonl(p))
+            if records and all(is_curriculum_record(obj) for _, obj in records):
+                for n, obj in records:
+                    try:
+                        ex = curriculum_example(obj, tokenizer, loss_on_prompts=True)
+                    except (ValueError, KeyError, TypeError) as e:
+                        raise DataError(f"{p}:{n}: {e}") from None
+                    stream.extend(ex.ids if ex.ids[-1] == tokenizer.eos_id else [*ex.ids, tokenizer.eos_id])
+                continue
+        stream.extend(tokenize_documents(read_documents([p]), tokenizer).tolist())
+    return np.asarray(stream, dtype=np.int64)
+
+
 def read_documents(paths: Sequence[str | Path]) -> list[str]:
     """Text documents: a ``.txt`` file is one document; a ``.jsonl`` file has one ``{"text": ...}`` per line."""
     docs: list[str] = []
@@ -189,6 +237,25 @@ def encode_conversation(conv: Mapping[str, Any], tokenizer: KimiTokenizer, think
     return ChatExample(prompt + target, mask + [True] * len(target))
 
 
+def read_chat_examples(paths: Sequence[str | Path], tokenizer: KimiTokenizer, thinking: bool = True
+                       ) -> list[ChatExample]:
+    """Every conversation of the files, tokenized with its loss mask (file order)."""
+    examples = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise DataError(f"{p}: no such data file")
+        for n, obj in _read_jsonl(p):
+            curriculum = is_curriculum_record(obj)
+            if not curriculum and (not isinstance(obj, dict) or not isinstance(obj.get("messages"), list)):
+                raise DataError(f"{p}:{n}: expected an object with a 'messages' list")
+            try:
+                ex = curriculum_example(obj, tokenizer) if curriculum else encode_conversation(obj, tokenizer, thinking)
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{p}:{n}: {e}") from None
+            examples.append(ex)
+    return examples
+
+
 class SFTDataset(Dataset):
     """Chat conversations, one per sample: truncated/right-padded to ``seq_len``; loss on assistant tokens."""
 
@@ -199,19 +266,15 @@ class SFTDataset(Dataset):
 
     @classmethod
     def from_jsonl(cls, paths: Sequence[str | Path], tokenizer: KimiTokenizer, seq_len: int,
-                   thinking: bool = True) -> SFTDataset:
-        examples = []
-        for p in map(Path, paths):
-            if not p.is_file():
-                raise DataError(f"{p}: no such data file")
-            for n, obj in _read_jsonl(p):
-                if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-                    raise DataError(f"{p}:{n}: expected an object with a 'messages' list")
-                try:
-                    ex = encode_conversation(obj, tokenizer, thinking)
-                except (ValueError, KeyError, TypeError) as e:
-                    raise DataError(f"{p}:{n}: {e}") from None
-                examples.append(ex)
+                   thinking: bool = True, pack: bool = False) -> SFTDataset:
+        """Conversations from ``.jsonl`` files; ``k25 data`` records train every turn in their own mode.
+
+        ``pack``: several conversations per sample (see :class:`PackedSFTDataset`) instead of one
+        padded conversation each.
+        """
+        examples = read_chat_examples(paths, tokenizer, thinking)
+        if pack:
+            return PackedSFTDataset(examples, seq_len, tokenizer.pad_id)
         return cls(examples, seq_len, tokenizer.pad_id)
 
     def __len__(self) -> int:
@@ -232,3 +295,40 @@ class SFTDataset(Dataset):
             raise DataError(f"{len(self.examples)} conversations: too few to hold out {eval_fraction:.0%}")
         return (SFTDataset(self.examples[:-n_eval], self.seq_len, self.pad_id),
                 SFTDataset(self.examples[-n_eval:], self.seq_len, self.pad_id))
+
+
+class PackedSFTDataset(SFTDataset):
+    """Several conversations per sample, each kept whole: no padding spent where a next one fits.
+
+    Conversations are shuffled once (seed 0, so the rows are a pure function of the data) and
+    placed first-fit into rows of ``seq_len + 1`` tokens; one longer than a row is truncated. As in
+    pretraining, a conversation may attend to the ones before it in its row.
+    """
+
+    CLOSE_BELOW = 32  # a row with less room than this takes no more conversations
+
+    def __init__(self, examples: list[ChatExample], seq_len: int, pad_id: int) -> None:
+        super().__init__(examples, seq_len, pad_id)
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
+        rows: list[ChatExample] = []
+        open_rows: list[ChatExample] = []  # rows with room left; first fit, closed when nearly full
+        for i in order:
+            ex = examples[i]
+            row = next((r for r in open_rows if len(r.ids) + len(ex.ids) <= seq_len + 1), None)
+            if row is None:
+                row = ChatExample([], [])
+                rows.append(row)
+                open_rows.append(row)
+            row.ids.extend(ex.ids)
+            row.mask.extend(ex.mask)
+            if len(row.ids) > seq_len + 1 - self.CLOSE_BELOW:
+                open_rows.remove(row)
+        self.conversations = examples
+        self.examples = rows
+
+    def split(self, eval_fraction: float) -> tuple[SFTDataset, SFTDataset]:
+        n_eval = max(1, int(len(self.conversations) * eval_fraction))
+        if n_eval >= len(self.conversations):
+            raise DataError(f"{len(self.conversations)} conversations: too few to hold out {eval_fraction:.0%}")
+        return (PackedSFTDataset(self.conversations[:-n_eval], self.seq_len, self.pad_id),
+                PackedSFTDataset(self.conversations[-n_eval:], self.seq_len, self.pad_id))

@@ -34,10 +34,12 @@ from torch.distributed.tensor import DTensor
 from ..chat.template import write_chat_template
 from ..chat.tokenizer import KimiTokenizer
 from ..checkpoint import build_model, load_model, save_model
+from ..checkpoint.int4 import fake_quantize_int4
 from ..checkpoint.model_io import text_model
 from ..config import K25Config, preset
+from ..model.moe import Experts
 from .balance import ExpertLoad, sequence_aux_loss
-from .data import Dataset, PackedDataset, SFTDataset, load_tokenizer, read_documents, tokenize_documents
+from .data import Dataset, PackedDataset, SFTDataset, load_tokenizer, read_pretrain_tokens
 from .muon import MuonClip, attention_layers, build_optimizer
 from .schedule import lr_factor
 
@@ -74,7 +76,10 @@ class TrainConfig:
     qk_clip_tau: float | None = 100.0  # None disables clipping (max logits are still logged)
     bias_update_rate: float = 1e-3
     seq_aux_alpha: float = 0.0
-    amp: str = "none"  # none | bf16 (CPU autocast)
+    amp: str = "none"  # none | bf16 (autocast)
+    device: str = "cpu"  # cpu | cuda (one process; the result is the same run, up to float rounding)
+    qat: str = "none"  # none | int4: fake INT4 (group 32, symmetric, straight-through) on the routed experts
+    pack: bool = False  # SFT: several conversations per sequence instead of one padded each
     parallel: str = "ddp"  # with several processes: ddp (replicated, grads all-reduced) | fsdp (FSDP2 sharded)
     eval_data: list[str] = field(default_factory=list)
     eval_fraction: float = 0.05
@@ -88,7 +93,7 @@ class TrainConfig:
     stop_after: int | None = None  # stop after this step without a final save (simulates a kill)
 
     # fields that may differ between a run and its resumption
-    RESUMABLE = ("progress", "stop_after", "eval_every", "save_every", "keep_checkpoints")
+    RESUMABLE = ("progress", "stop_after", "eval_every", "save_every", "keep_checkpoints", "device")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +139,14 @@ class Trainer:
             raise TrainError(f"parallel {cfg.parallel!r}: expected 'ddp' or 'fsdp'")
         if cfg.amp not in ("none", "bf16"):
             raise TrainError(f"amp {cfg.amp!r}: expected 'none' or 'bf16'")
+        if cfg.qat not in ("none", "int4"):
+            raise TrainError(f"qat {cfg.qat!r}: expected 'none' or 'int4'")
+        try:
+            self.device = torch.device(cfg.device)
+        except RuntimeError as e:
+            raise TrainError(f"device {cfg.device!r}: {e}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainError(f"device {cfg.device!r}: torch sees no CUDA device")
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             if getattr(cfg, name) < 1:
                 raise TrainError(f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -145,6 +158,9 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
         self.model, self.config = self._build_model()
+        self.model.to(self.device)
+        if cfg.qat == "int4":
+            self.set_qat(True)
         self.tokenizer = self._build_tokenizer()
         self.train_set, self.eval_set = self._build_data()
         self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
@@ -182,6 +198,19 @@ class Trainer:
             model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=False)
         return model.train(), config
 
+    def set_qat(self, on: bool) -> None:
+        """Quantization-aware training (K2-Thinking's recipe): routed experts see their INT4 round trip.
+
+        Weight-only, group 32, symmetric, the straight-through estimator for the gradient; the
+        master weights stay in full precision and export exactly with ``k25 quantize``.
+        """
+        group = 32
+        for m in self.model.modules():
+            if isinstance(m, Experts):
+                if on and m.gate_proj.shape[-1] % group:
+                    raise TrainError(f"QAT needs expert input sizes divisible by {group}, got {m.gate_proj.shape[-1]}")
+                m.weight_transform = fake_quantize_int4 if on else None
+
     def _build_tokenizer(self) -> KimiTokenizer:
         spec = self.cfg.tokenizer
         if spec is None:
@@ -197,14 +226,15 @@ class Trainer:
     def _build_data(self) -> tuple[Dataset, Dataset]:
         cfg = self.cfg
         if cfg.task == "pretrain":
-            data = PackedDataset(tokenize_documents(read_documents(cfg.data), self.tokenizer), cfg.seq_len)
+            data = PackedDataset(read_pretrain_tokens(cfg.data, self.tokenizer), cfg.seq_len)
             if cfg.eval_data:
-                held = PackedDataset(tokenize_documents(read_documents(cfg.eval_data), self.tokenizer), cfg.seq_len)
+                held = PackedDataset(read_pretrain_tokens(cfg.eval_data, self.tokenizer), cfg.seq_len)
                 return data, held
             return data.split(cfg.eval_fraction)
-        data = SFTDataset.from_jsonl(cfg.data, self.tokenizer, cfg.seq_len, cfg.thinking)
+        data = SFTDataset.from_jsonl(cfg.data, self.tokenizer, cfg.seq_len, cfg.thinking, pack=cfg.pack)
         if cfg.eval_data:
-            return data, SFTDataset.from_jsonl(cfg.eval_data, self.tokenizer, cfg.seq_len, cfg.thinking)
+            return data, SFTDataset.from_jsonl(cfg.eval_data, self.tokenizer, cfg.seq_len, cfg.thinking,
+                                               pack=cfg.pack)
         return data.split(cfg.eval_fraction)
 
     def _shard_model(self) -> None:
@@ -233,7 +263,7 @@ class Trainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.amp == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, ...]]:
@@ -244,7 +274,7 @@ class Trainer:
         for a in range(cfg.grad_accum):
             j = a * self.world + self.rank
             start = step * per_step + j * b
-            out.append(self.train_set.batch(range(start, start + b), cfg.seed))
+            out.append(tuple(t.to(self.device) for t in self.train_set.batch(range(start, start + b), cfg.seed)))
         return out
 
     def train_step(self) -> dict[str, Any]:
@@ -254,13 +284,13 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * factor
         batches = self.micro_batches(self.step)
-        n_tokens = torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)))
+        n_tokens = torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)), device=self.device)
         if self.world > 1:
             dist.all_reduce(n_tokens)
         if n_tokens == 0:
             raise TrainError(f"step {self.step}: no target tokens in the global batch (all masked)")
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        aux_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         opt.zero_grad(set_to_none=True)
         for ids, targets, mask in batches:
             with self._autocast():
@@ -320,7 +350,8 @@ class Trainer:
         try:
             n = min(len(self.eval_set), cfg.eval_batches * cfg.batch_size)
             for start in range(0, n, cfg.batch_size):
-                ids, targets, mask = self.eval_set.batch(range(start, min(n, start + cfg.batch_size)), 0, shuffle=False)
+                batch = self.eval_set.batch(range(start, min(n, start + cfg.batch_size)), 0, shuffle=False)
+                ids, targets, mask = (t.to(self.device) for t in batch)
                 with self._autocast():
                     logits = model(ids)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
@@ -354,6 +385,9 @@ class Trainer:
             if self.rank == 0:
                 model = build_model(self.config, dtype=torch.float32, seed=None, vision=False)
                 model.load_state_dict(full)
+        elif self.device.type != "cpu" and self.rank == 0:
+            model = build_model(self.config, dtype=torch.float32, seed=None, vision=False)
+            model.load_state_dict({k: v.cpu() for k, v in self.model.state_dict().items()})
         if self.rank == 0:
             tmp = final.with_name(final.name + ".tmp")
             if tmp.exists():
@@ -402,7 +436,7 @@ class Trainer:
         if state["world_size"] != self.world:
             raise TrainError(f"cannot resume from {path}: written with {state['world_size']} ranks, now {self.world}")
         loaded = text_model(load_model(path, dtype=torch.float32, vision=False))
-        optim_state = torch.load(path / "optimizer.pt", weights_only=False)
+        optim_state = torch.load(path / "optimizer.pt", weights_only=False, map_location=self.device)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
