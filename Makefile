@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.k25-installed
 
-.PHONY: install run test lint slow clean chromium
+.PHONY: install run test lint slow clean chromium k25-mini k25-mini-train
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,30 @@ run: install
 	  { test -f out/tiny-random/tiktoken.model || $(BIN)/k25 init tiny out/tiny-random; } && \
 	  $(BIN)/k25 serve out/tiny-random --port $(PORT) --served-model-name k25-tiny-random; \
 	fi
+
+# Reproduce the shipped k25-mini from nothing (about 2 hours on 2 cores; the model card,
+# src/k25/weights/k25-mini/README.md, records the run). Resumable: rerun after an interruption.
+MINI_OUT := out/mini
+MINI_TRAIN = $(sort $(wildcard $(MINI_OUT)/data/*/train.jsonl))
+MINI_HELD = $(sort $(wildcard $(MINI_OUT)/data/*/heldout.jsonl))
+k25-mini: install
+	test -f $(MINI_OUT)/data/stats.json || $(BIN)/k25 data generate --out $(MINI_OUT)/data --seed 0 --n-per-family 2000
+	test -f $(MINI_OUT)/tokenizer/tiktoken.model || { $(BIN)/k25 data text $(MINI_OUT)/data --out $(MINI_OUT)/corpus.txt && \
+	  $(BIN)/k25 vocab train --corpus $(MINI_OUT)/corpus.txt --size 4096 --out $(MINI_OUT)/tokenizer; }
+	$(MAKE) k25-mini-train
+
+k25-mini-train:
+	$(BIN)/k25 train pretrain $(MINI_TRAIN) --eval-data $(MINI_HELD) --model k25-mini --tokenizer $(MINI_OUT)/tokenizer \
+	  --seq-len 1024 --batch-size 8 --steps 150 --lr 0.01 --warmup-steps 15 --eval-every 50 --eval-batches 4 \
+	  --save-every 25 --out $(MINI_OUT)/pretrain
+	$(BIN)/k25 train sft $(MINI_TRAIN) --eval-data $(MINI_HELD) --pack --model $(MINI_OUT)/pretrain/checkpoints/step-00000150 \
+	  --seq-len 1024 --batch-size 8 --steps 250 --lr 0.005 --warmup-steps 15 --eval-every 50 --eval-batches 4 \
+	  --save-every 25 --out $(MINI_OUT)/sft
+	$(BIN)/k25 train sft $(MINI_TRAIN) --eval-data $(MINI_HELD) --pack --qat int4 \
+	  --model $(MINI_OUT)/sft/checkpoints/step-00000250 --seq-len 1024 --batch-size 8 --steps 30 --lr 0.001 \
+	  --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(MINI_OUT)/qat
+	test -f $(MINI_OUT)/k25-mini/config.json || $(BIN)/k25 quantize $(MINI_OUT)/qat/checkpoints/step-00000030 \
+	  $(MINI_OUT)/k25-mini --dtype bfloat16
 
 lint: install
 	$(BIN)/ruff check src tests

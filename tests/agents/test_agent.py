@@ -192,6 +192,25 @@ def test_context_compaction_summarises_the_middle(serve):
     assert sum(1 for m in res.messages if m["role"] == "tool") < 6  # the early results were folded away
 
 
+def test_a_small_context_window_is_not_full_before_the_first_step(serve):
+    """The default 16k reply reserve is capped at a quarter of a 4k window (k25-mini's), so no compaction."""
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    def policy(body):
+        done = [m for m in body["messages"] if m["role"] == "tool"]
+        return say(f"sum {done[-1]['content']}") if done else call("add", {"a": 2, "b": 3})
+
+    with serve(policy) as srv:
+        res = asyncio.run(Agent(srv.chat_model(), [add], "sys", AgentConfig(max_context_tokens=4096)).run(
+            "add 2 and 3", trace=None))
+    assert res.answer == "sum 5"
+    assert all(r.get("tools") for r in srv.requests)  # no compaction request was made
+
+
 def _counting_policy(body):
     """Deterministic: calls add(k, 1) for k = 0..4 (two calls in step 3), then answers the last sum."""
     tools_done = [m for m in body["messages"] if m["role"] == "tool"]

@@ -286,8 +286,11 @@ class Agent:
     def _context_full(self, s: ReplayState) -> bool:
         cfg = self.config
         tokens = self.estimate_tokens(s)
+        # the reply reserve is capped at a quarter of the window: a small model's 4k context must not
+        # be "full" before the first step
+        reserve = min(cfg.reserved_context_tokens, cfg.max_context_tokens // 4)
         return (tokens >= cfg.max_context_tokens * cfg.compaction_ratio
-                or tokens + cfg.reserved_context_tokens >= cfg.max_context_tokens)
+                or tokens + reserve >= cfg.max_context_tokens)
 
     async def _compact(self, s: ReplayState, log: Trace, task: str) -> None:
         """Summarise everything between the opening and the last few messages in one model call."""
