@@ -138,6 +138,29 @@ class MediaItem:
         return f"{self.timestamp}{block}" if self.timestamp is not None else block
 
 
+def expand_media_placeholders(ids: Sequence[int], items: Sequence[MediaItem | int], pad_id: int) -> list[int]:
+    """Repeat the k-th ``<|media_pad|>`` once per merged token of item k (the LM positions it fills).
+
+    ``items`` are media items or just their token counts. The one expansion inference (the server,
+    ``k25 eval``) and training share, so a trained model sees media where it will see them served.
+    """
+    out: list[int] = []
+    k = 0
+    for t in ids:
+        if t == pad_id:
+            if k >= len(items):
+                raise MediaError(f"the prompt holds more media placeholders than the {len(items)} media given "
+                                 "(is '<|media_pad|>' typed in the text?)")
+            item = items[k]
+            out.extend([pad_id] * (item if isinstance(item, int) else item.num_tokens))
+            k += 1
+        else:
+            out.append(t)
+    if k != len(items):
+        raise MediaError(f"{len(items)} media given but the prompt holds {k} placeholders")
+    return out
+
+
 def pack_media(items: Sequence[MediaItem]) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate items for one tower call: pixel_values [ΣN, 3, p, p], grid_thws [n, 3] int64."""
     if not items:

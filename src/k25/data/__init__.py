@@ -9,6 +9,7 @@ directory. ``training_segments`` turns a record into loss-masked training text,
 from .corpus import Corpus, Town
 from .families import CURRENT_YEAR
 from .generate import (
+    ALL_FAMILIES,
     FAMILIES,
     FAMILY_DESCRIPTIONS,
     HELDOUT_FRACTION,
@@ -39,8 +40,15 @@ from .tools import (
     runtime_specs,
     tool_schemas,
 )
+from .vision import VISION_FAMILIES, check_images, has_images, record_image_paths, resolve_image_urls
 
 __all__ = [
+    "ALL_FAMILIES",
+    "VISION_FAMILIES",
+    "check_images",
+    "has_images",
+    "record_image_paths",
+    "resolve_image_urls",
     "CURRENT_YEAR",
     "FAMILIES",
     "FAMILY_DESCRIPTIONS",

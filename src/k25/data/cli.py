@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .generate import FAMILIES, FAMILY_DESCRIPTIONS, DataError, generate, write
+from .generate import ALL_FAMILIES, FAMILIES, FAMILY_DESCRIPTIONS, FAMILY_GROUPS, DataError, generate, write
 from .records import check_record, plain_text, read_jsonl, training_segments
 from .text import TextSourceError
+from .vision import check_images
 
 
 def _families(text: str | None) -> list[str] | None:
@@ -53,7 +54,7 @@ def _files(directory: Path) -> list[Path]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate every record and that no task key is in both splits of a family."""
+    """Validate every record (and its images) and that no task key is in both splits of a family."""
     directory = Path(args.dir)
     problems: list[str] = []
     keys: dict[tuple[str, str], set[str]] = {}
@@ -62,8 +63,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         for rec in read_jsonl(path):
             total += 1
             problems += check_record(rec)
+            problems += check_images(rec, path.parent)
             keys.setdefault((rec["family"], rec["split"]), set()).add(str((rec.get("meta") or {}).get("key")))
-    for fam in FAMILIES:
+    for fam in ALL_FAMILIES:
         train, held = keys.get((fam, "train"), set()), keys.get((fam, "heldout"), set())
         if train & held:
             problems.append(f"{fam}: {len(train & held)} tasks in both splits, e.g. {sorted(train & held)[0]!r}")
@@ -133,7 +135,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--n-per-family", type=int, default=1000, help="train records per family (default 1000)")
     p.add_argument("--n-heldout", type=int, default=None, help="held-out records per family (default 10%%, >= 1)")
     p.add_argument("--corpus-size", type=int, default=500, help="generated towns in the search corpus")
-    p.add_argument("--families", default=None, help=f"comma-separated subset of: {','.join(FAMILIES)}")
+    p.add_argument("--families", default=None,
+                   help=f"comma-separated families or groups ({', '.join(FAMILY_GROUPS)}; default: "
+                        f"{','.join(FAMILIES)}); known: {','.join(ALL_FAMILIES)}")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory: also count tokens in stats")
     p.set_defaults(func=_guard(cmd_generate))
 

@@ -8,7 +8,7 @@ and drops reasoning in Instant mode so a record can never carry reasoning it sho
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..chat.parsers import make_tool_call_id
@@ -28,9 +28,13 @@ class Chat:
         if system is not None:
             self.messages.append({"role": "system", "content": system})
 
-    def user(self, text: str) -> None:
-        """Append the user's task."""
-        self.messages.append({"role": "user", "content": text})
+    def user(self, text: str, images: Sequence[str] = ()) -> None:
+        """Append the user's task; with ``images`` (URLs), content parts: the images, then the text."""
+        if not images:
+            self.messages.append({"role": "user", "content": text})
+            return
+        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}} for url in images]
+        self.messages.append({"role": "user", "content": [*parts, {"type": "text", "text": text}]})
 
     def _assistant(self, reasoning: str, content: str | None) -> dict[str, Any]:
         msg: dict[str, Any] = {"role": "assistant", "content": content}

@@ -88,6 +88,7 @@ class Sample:
     records: dict[str, list[dict[str, Any]]]
     uid: str = ""
     split: str | None = None  # set when the task's towns decide it; else the key's hash does
+    images: dict[str, bytes] = field(default_factory=dict)  # path under the data dir -> PNG bytes
 
     def __post_init__(self) -> None:
         self.uid = self.uid or self.key

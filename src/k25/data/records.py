@@ -177,11 +177,14 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def record_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None) -> dict[str, Any]:
-    """Counts for one family/split: records, modes, tool calls, recoveries, characters, tokens."""
+    """Counts for one family/split: records, modes, tool calls, recoveries, characters, tokens, images."""
+    from .vision import image_urls
+
     stats: dict[str, Any] = {"records": 0, "thinking": 0, "instant": 0, "tool_calls": 0, "recoveries": 0, "chars": 0}
-    target_tokens = tokens = 0
+    target_tokens = tokens = images = 0
     for rec in records:
         stats["records"] += 1
+        images += len(image_urls(rec.get("messages") or []))
         if rec.get("mode") in ("thinking", "instant"):
             stats[rec["mode"]] += 1
         meta = rec.get("meta") or {}
@@ -195,6 +198,8 @@ def record_stats(records: Iterable[dict[str, Any]], tokenizer: Any = None) -> di
                 tokens += n
                 target_tokens += n if target else 0
     if tokenizer is not None:
-        stats["tokens"] = tokens
+        stats["tokens"] = tokens  # an image counts as its one <|media_pad|> here, not its expanded positions
         stats["target_tokens"] = target_tokens
+    if images:
+        stats["images"] = images
     return stats

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..data.generate import FAMILIES
+from ..data.generate import ALL_FAMILIES
+from ..data.vision import has_images
 from .model import EvalError
 
 
@@ -40,6 +41,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with err.status(f"loading {args.model_dir}"):
         generator = EngineGenerator(args.model_dir, max_tokens=args.max_tokens, experts=args.experts,
                                     concurrency=args.concurrency, tokenizer=args.tokenizer, dtype=args.dtype)
+        if any(has_images(r) for r in records):
+            generator.vision_model()  # fails now, with a clear message, on a checkpoint without a vision tower
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.description}"))
     with Progress(*columns, console=err, disable=args.quiet) as bar:
@@ -87,7 +90,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint directory (with tiktoken.model)")
     p.add_argument("--data", required=True, help="a `k25 data generate` output directory")
-    p.add_argument("--families", default=None, help=f"comma-separated subset of: {','.join(FAMILIES)} "
+    p.add_argument("--families", default=None, help=f"comma-separated subset of: {','.join(ALL_FAMILIES)} "
                                                      "(default: every family the directory has)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N records of each family")
     p.add_argument("--split", choices=("heldout", "train"), default="heldout")

@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.generate import FAMILIES
+from ..data.generate import ALL_FAMILIES
 from ..data.records import is_chat, prompt_messages, read_jsonl, score_answer
 from ..data.tools import ORCHESTRATOR_TOOLS
+from ..data.vision import has_images, resolve_image_urls
 from .model import Batcher, EvalChatModel, EvalError, Generator, Tally
 from .tools import SWARM_WORKER_TOOLS, ToolKit
 
@@ -68,7 +69,7 @@ class RecordResult:
 
 def available_families(data_dir: Path, split: str) -> list[str]:
     """The families ``data_dir`` has a ``FAMILY/SPLIT.jsonl`` for, in curriculum order."""
-    return [f for f in FAMILIES if (data_dir / f / f"{split}.jsonl").is_file()]
+    return [f for f in ALL_FAMILIES if (data_dir / f / f"{split}.jsonl").is_file()]
 
 
 def load_records(
@@ -82,9 +83,9 @@ def load_records(
     if not present:
         raise EvalError(f"{root} holds no FAMILY/{split}.jsonl files (make them with `k25 data generate --out {root}`)")
     wanted = list(families) if families else present
-    unknown = [f for f in wanted if f not in FAMILIES]
+    unknown = [f for f in wanted if f not in ALL_FAMILIES]
     if unknown:
-        raise EvalError(f"unknown families {', '.join(unknown)}; valid families: {', '.join(FAMILIES)}")
+        raise EvalError(f"unknown families {', '.join(unknown)}; valid families: {', '.join(ALL_FAMILIES)}")
     missing = [f for f in wanted if f not in present]
     if missing:
         raise EvalError(f"{root} has no {split} records for {', '.join(missing)} (it has: {', '.join(present)})")
@@ -96,6 +97,8 @@ def load_records(
         for rec in read_jsonl(root / fam / f"{split}.jsonl"):
             if limit is not None and len(records) >= limit:
                 break
+            if has_images(rec):  # image URLs are relative to the record's file: make them paths a model can open
+                rec["messages"] = resolve_image_urls(rec["messages"], root / fam)
             records.append(rec)
         out[fam] = records
     return out

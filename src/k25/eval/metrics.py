@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from ..data.vision import VISION_FAMILIES
 from .harness import TEXT_FAMILIES, RecordResult
 
 TARGET_VALIDITY = 0.99
@@ -74,13 +75,13 @@ def family_metrics(family: str, results: Sequence[RecordResult]) -> dict[str, An
 
 
 def thinking_vs_instant(by_family: dict[str, list[RecordResult]]) -> list[dict[str, Any]]:
-    """The same tasks in both modes: arith_think against arith_instant, and each tool family split by mode."""
+    """The same tasks in both modes: arith_think against arith_instant; each tool and visual family by mode."""
     rows = []
     if by_family.get("arith_think") and by_family.get("arith_instant"):
         rows.append({"task": "arithmetic (arith_think / arith_instant)",
                      "thinking": mode_stats(by_family["arith_think"]),
                      "instant": mode_stats(by_family["arith_instant"])})
-    for fam in TOOL_FAMILIES:
+    for fam in (*TOOL_FAMILIES, *VISION_FAMILIES):
         results = by_family.get(fam) or []
         think = [r for r in results if r.mode == "thinking"]
         instant = [r for r in results if r.mode == "instant"]

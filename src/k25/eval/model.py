@@ -25,6 +25,7 @@ from ..agents.model import ModelReply, Usage, assistant_message
 from ..chat.parsers import ParsedOutput, make_tool_call_id, next_tool_call_index, parse_output
 from ..chat.template import GENERATION_PROMPT_THINKING, render
 from ..data.tools import check_tool_call
+from ..data.vision import image_urls
 
 
 class EvalError(ValueError):
@@ -52,6 +53,9 @@ class Generator(Protocol):
 
     An implementation may also offer ``text_loss(texts) -> [(summed NLL in nats, predicted tokens)]``
     (teacher-forced), which the prose families are scored with; without it they are reported as n/a.
+    Prompts showing images (the visual families) come with ``images=``: per prompt, the image files
+    (paths or data URLs) in the order of the prompt's ``<|media_pad|>`` placeholders; a generator
+    without that keyword cannot be given them.
     """
 
     def generate(self, prompts: Sequence[str]) -> list[Completion]: ...
@@ -68,15 +72,15 @@ class Batcher:
     def __init__(self, generator: Generator, linger: float = 0.01) -> None:
         self.generator = generator
         self.linger = linger
-        self.queue: list[tuple[str, asyncio.Future[Completion]]] = []
+        self.queue: list[tuple[str, list[str], asyncio.Future[Completion]]] = []
         self.batches = 0
         self.largest = 0
         self._task: asyncio.Task[None] | None = None
 
-    async def complete(self, prompt: str) -> Completion:
-        """The completion of one prompt, generated together with whatever else is pending."""
+    async def complete(self, prompt: str, images: Sequence[str] = ()) -> Completion:
+        """The completion of one prompt (showing ``images``), generated together with whatever else is pending."""
         future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
-        self.queue.append((prompt, future))
+        self.queue.append((prompt, list(images), future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain())
         return await future
@@ -91,15 +95,20 @@ class Batcher:
             self.batches += 1
             self.largest = max(self.largest, len(batch))
             try:
-                outs = await asyncio.to_thread(self.generator.generate, [p for p, _ in batch])
+                prompts = [p for p, _, _ in batch]
+                if any(images for _, images, _ in batch):
+                    outs = await asyncio.to_thread(self.generator.generate, prompts,  # type: ignore[call-arg]
+                                                   images=[images for _, images, _ in batch])
+                else:
+                    outs = await asyncio.to_thread(self.generator.generate, prompts)
                 if len(outs) != len(batch):
                     raise RuntimeError(f"the model returned {len(outs)} completions for {len(batch)} prompts")
             except Exception as e:  # every waiting conversation learns of it
-                for _, fut in batch:
+                for _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
-            for (_, fut), out in zip(batch, outs, strict=True):
+            for (_, _, fut), out in zip(batch, outs, strict=True):
                 if not fut.done():
                     fut.set_result(out)
 
@@ -189,7 +198,7 @@ class EvalChatModel:
     ) -> ModelReply:
         """One assistant turn for ``messages`` with ``tools`` declared."""
         prompt = render(messages, tools, thinking=self.thinking, add_generation_prompt=True)
-        out = await self.batcher.complete(prompt)
+        out = await self.batcher.complete(prompt, image_urls(messages))
         parsed = parse_output(out.text, thinking=self.thinking)
         self.tally.add(check_turn(parsed, tools), out)
         message = parsed.to_message()
@@ -235,7 +244,12 @@ class EngineGenerator:
                 f"{tok_dir} has no tokenizer (tiktoken.model): k25 eval renders chat prompts as text; "
                 "pass --tokenizer DIR"
             )
-        max_len = K25Config.from_json_file(directory).text_config.max_position_embeddings
+        config = K25Config.from_json_file(directory)
+        max_len = config.text_config.max_position_embeddings
+        self.directory, self.dtype = directory, dtype
+        self.has_vision = config.vision_config is not None
+        self.media_token_id = config.media_placeholder_token_id
+        self._vision: Any = None
         self.llm = LLM(directory, tokenizer=KimiTokenizer.from_pretrained(tok_dir), experts=experts, dtype=dtype,
                        max_num_seqs=concurrency, cache_tokens=max(32768, concurrency * min(max_len, 4096)))
         self.tokenizer = self.llm.tokenizer
@@ -244,14 +258,59 @@ class EngineGenerator:
         self.think_end = self.tokenizer.token_to_id("</think>")
         self.stop_ids = self.llm.engine.eos_ids
 
-    def generate(self, prompts: Sequence[str]) -> list[Completion]:
-        """Greedy completions of ``prompts``, all in one engine run."""
+    def vision_model(self) -> Any:
+        """The checkpoint's K25ForConditionalGeneration, loaded on first use (its tower encodes the images)."""
+        if not self.has_vision:
+            raise EvalError(f"{self.directory} has no vision tower (no vision_config): it cannot be shown the "
+                            "images of the visual families; leave them out with --families")
+        if self._vision is None:
+            from ..checkpoint.model_io import load_model
+
+            self._vision = load_model(self.directory, dtype=self.dtype, vision=True)
+        return self._vision
+
+    def _media(self, ids: list[int], images: Sequence[str]) -> tuple[list[int], Any]:
+        """The prompt ids with each image's placeholder expanded, and the images' embeddings (as the server)."""
+        import torch
+
+        from ..media import MediaError, expand_media_placeholders, pack_media, preprocess_image
+
+        try:
+            items = [preprocess_image(src) for src in images]
+            ids = expand_media_placeholders(ids, items, self.media_token_id)
+        except MediaError as e:
+            raise EvalError(str(e)) from None
+        with torch.no_grad():
+            embeds = torch.cat(self.vision_model().encode_media(*pack_media(items)))
+        return ids, embeds
+
+    def _run(self, ids: list[list[int]], embeds: list[Any], params: Any) -> list[Any]:
+        """``LLMEngine.run`` with each request's media embeddings attached."""
+        engine = self.llm.engine
+        rids = [engine.add_request(x, params, media_embeds=e, media_token_id=None if e is None else self.media_token_id)
+                for x, e in zip(ids, embeds, strict=True)]
+        while engine.has_unfinished():
+            engine.step()
+        outs = [engine.output(r) for r in rids]
+        for r in rids:
+            engine.release(r)
+        return outs
+
+    def generate(self, prompts: Sequence[str], images: Sequence[Sequence[str]] | None = None) -> list[Completion]:
+        """Greedy completions of ``prompts`` (showing ``images``: per prompt, its image files), in one engine run."""
         from ..engine import SamplingParams
 
         ids = [self.tokenizer.encode(p, allow_special_tokens=True) for p in prompts]
+        embeds: list[Any] = [None] * len(ids)
+        for i, srcs in enumerate(images or []):
+            if srcs:
+                ids[i], embeds[i] = self._media(ids[i], srcs)
         fits = [i for i, x in enumerate(ids) if len(x) < self.max_len]
         params = SamplingParams(temperature=0.0, max_tokens=self.max_tokens)
-        outs = self.llm.generate([ids[i] for i in fits], [params] * len(fits)) if fits else []
+        if any(e is not None for e in embeds):
+            outs = self._run([ids[i] for i in fits], [embeds[i] for i in fits], params) if fits else []
+        else:
+            outs = self.llm.generate([ids[i] for i in fits], [params] * len(fits)) if fits else []
         done: dict[int, Completion] = {}
         for i, out in zip(fits, outs, strict=True):
             gen = list(out.output_ids)

@@ -10,17 +10,20 @@ inherent exception is the data's injected outages (a tool "timed out"), which a 
 not repeat (:func:`injected_outage`).
 
 ``mutate(record, turn, text)`` rewrites a replayed turn, to test that each kind of mistake is
-scored as it should be.
+scored as it should be. Prompts showing images are matched on their image files too (by file
+name: the visual families name each PNG by its hash), since many pictures share one question.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from ..chat.template import GENERATION_PROMPT_INSTANT, GENERATION_PROMPT_THINKING, render, render_assistant_output
 from ..data.records import is_chat
+from ..data.vision import image_urls
 from .model import Completion
 
 ASSISTANT = "<|im_assistant|>"
@@ -46,7 +49,7 @@ class ReplayModel:
     """A :class:`k25.eval.model.Generator` that replays records; tokens are counted as UTF-8 bytes."""
 
     def __init__(self, records: Iterable[dict[str, Any]], mutate: Mutation | None = None) -> None:
-        self.scripts: dict[str, _Script] = {}
+        self.scripts: dict[tuple[str, tuple[str, ...]], _Script] = {}
         for rec in records:
             if not is_chat(rec):
                 continue
@@ -56,25 +59,28 @@ class ReplayModel:
                 if m["role"] == "assistant":
                     prompts.append(render(msgs[:i], tools, thinking=think, add_generation_prompt=True))
                     outputs.append(render_assistant_output(m, thinking=think))
-            self.scripts.setdefault(prompts[0], _Script(rec, prompts, outputs))  # first of equal openings
+            key = (prompts[0], _names(image_urls(msgs)))
+            self.scripts.setdefault(key, _Script(rec, prompts, outputs))  # first of equal openings
         self.mutate = mutate
         self.mismatches: list[tuple[str, int]] = []  # (record id, turn) whose prompt differs from the data's
         self.unknown: list[str] = []  # prompts no record opens, or past a record's last turn
         self.calls = 0
 
-    def _script(self, prompt: str) -> _Script | None:
+    def _script(self, prompt: str, images: Sequence[str]) -> _Script | None:
         first = prompt.find(ASSISTANT)
         if first < 0:
             return None
         # The mode is the current generation prompt's: an Instant opening extends a Thinking one.
         gen = GENERATION_PROMPT_INSTANT if prompt.endswith(GENERATION_PROMPT_INSTANT) else GENERATION_PROMPT_THINKING
-        return self.scripts.get(prompt[: first + len(gen)]) if prompt.startswith(gen, first) else None
+        if not prompt.startswith(gen, first):
+            return None
+        return self.scripts.get((prompt[: first + len(gen)], _names(images)))
 
-    def complete_one(self, prompt: str) -> Completion:
-        """The replayed turn for ``prompt`` (a short final answer when there is none)."""
+    def complete_one(self, prompt: str, images: Sequence[str] = ()) -> Completion:
+        """The replayed turn for ``prompt`` showing ``images`` (a short final answer when there is none)."""
         self.calls += 1
         thinking = prompt.endswith(GENERATION_PROMPT_THINKING)
-        script = self._script(prompt)
+        script = self._script(prompt, images)
         turn = prompt.count(ASSISTANT) - 1
         if script is None or turn >= len(script.outputs):
             self.unknown.append(prompt)
@@ -89,6 +95,11 @@ class ReplayModel:
             else (len(text.encode()) if thinking else 0)
         return Completion(text, len(text.encode()) + 1, reasoning, len(prompt.encode()), "stop")
 
-    def generate(self, prompts: Sequence[str]) -> list[Completion]:
-        """Replayed turns for a batch of prompts."""
-        return [self.complete_one(p) for p in prompts]
+    def generate(self, prompts: Sequence[str], images: Sequence[Sequence[str]] | None = None) -> list[Completion]:
+        """Replayed turns for a batch of prompts (``images``: per prompt, the image files it shows)."""
+        return [self.complete_one(p, images[i] if images else ()) for i, p in enumerate(prompts)]
+
+
+def _names(urls: Sequence[str]) -> tuple[str, ...]:
+    """Image files by name (a record's relative URL and the path the harness resolves it to agree)."""
+    return tuple(PurePath(u).name for u in urls)

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from ..chat.template import VIDEO_PLACEHOLDER
-from ..media import DEFAULT_LIMITS, MediaError, MediaItem, MediaLimits, preprocess_image, preprocess_video
+from ..media import (
+    DEFAULT_LIMITS,
+    MediaError,
+    MediaItem,
+    MediaLimits,
+    expand_media_placeholders,
+    preprocess_image,
+    preprocess_video,
+)
 from .protocol import APIError
 
 IMAGE_TYPES = ("image_url", "image")
@@ -81,19 +89,8 @@ def expand_videos(text: str, videos: list[list[MediaItem]]) -> str:
 
 
 def expand_placeholders(ids: list[int], items: list[MediaItem], pad_id: int) -> list[int]:
-    """Repeat the k-th `<|media_pad|>` once per merged token of item k."""
-    out: list[int] = []
-    k = 0
-    for t in ids:
-        if t == pad_id:
-            if k >= len(items):
-                raise APIError(f"the prompt holds more media placeholders than the {len(items)} media given "
-                               "(is '<|media_pad|>' typed in the text?)", param="messages")
-            out.extend([pad_id] * items[k].num_tokens)
-            k += 1
-        else:
-            out.append(t)
-    if k != len(items):
-        raise APIError(f"{len(items)} media given but the prompt holds {k} placeholders", param="messages")
-    return out
-
+    """Repeat the k-th `<|media_pad|>` once per merged token of item k (:func:`k25.media.expand_media_placeholders`)."""
+    try:
+        return expand_media_placeholders(ids, items, pad_id)
+    except MediaError as e:
+        raise APIError(str(e), param="messages") from None

@@ -55,6 +55,8 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (one process; torchrun for several)")
     p.add_argument("--qat", choices=["none", "int4"], default="none",
                    help="quantization-aware training: fake INT4 (group 32, symmetric, STE) on the routed experts")
+    p.add_argument("--vision", choices=["auto", "on", "off"], default="auto",
+                   help="train the vision tower too (K2.5 layout checkpoints): auto = when the data has images")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
                    help="under torchrun: replicated data parallel, or FSDP2-sharded parameters and optimizer state")
     p.add_argument("--eval-data", nargs="*", default=[], help="held-out files (default: split off the data)")
@@ -83,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, schedule=args.schedule, min_lr_ratio=args.min_lr_ratio,
         decay_fraction=args.decay_fraction, grad_clip=args.grad_clip, qk_clip_tau=args.qk_clip_tau,
         bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha, amp=args.amp, parallel=args.parallel,
-        device=args.device, qat=args.qat, pack=getattr(args, "pack", False),
+        device=args.device, qat=args.qat, pack=getattr(args, "pack", False), vision=args.vision,
         eval_data=args.eval_data, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
         eval_batches=args.eval_batches, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         seed=args.seed, thinking=not getattr(args, "instant", False), progress=not args.no_progress,

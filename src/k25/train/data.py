@@ -3,6 +3,14 @@
 Every batch is a pure function of (seed, global sample index), so a resumed run and a run split
 over ranks see exactly the samples an uninterrupted single-process run sees, with no iterator
 state to save. A sample is ``(input_ids [T], targets [T], loss_mask [T])``.
+
+Records with images (``k25 data`` visual families, or conversations with ``image_url`` parts) are
+tokenized as inference tokenizes them: the template's one ``<|media_pad|>`` per image is expanded
+by :func:`k25.media.expand_media_placeholders` to the image's merged-token count, and the image is
+preprocessed by :func:`k25.media.preprocess_image` when its sample is drawn. A dataset holding any
+image gives 5-tuples ``(input_ids, targets, loss_mask, pixel_values [N, 3, 14, 14], grid_thws
+[n, 3])``: the media of a batch's rows, concatenated in row order, which is the order the model
+scatters them into the placeholder positions. Media placeholders are never loss targets.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +27,9 @@ import torch
 
 from ..chat.template import last_final_answer_index, render, render_assistant_output
 from ..chat.tokenizer import VOCAB_FILE, KimiTokenizer, write_tiktoken_ranks
+from ..media import DEFAULT_LIMITS, MediaError, expand_media_placeholders, pack_media, preprocess_image
+
+MEDIA_PAD = "<|media_pad|>"
 
 
 class DataError(ValueError):
@@ -60,7 +71,8 @@ def is_curriculum_record(obj: Any) -> bool:
 
 
 def curriculum_example(
-    record: Mapping[str, Any], tokenizer: KimiTokenizer, loss_on_prompts: bool = False
+    record: Mapping[str, Any], tokenizer: KimiTokenizer, loss_on_prompts: bool = False,
+    base_dir: str | Path | None = None,
 ) -> ChatExample:
     """Tokens and loss mask of a ``k25 data`` record, in its own mode (thinking or instant).
 
@@ -68,24 +80,82 @@ def curriculum_example(
     model learns the recovery, not the mistake); prompts, tool results and history are context.
     Each segment is tokenized on its own, exactly as at inference, where the prompt is encoded
     and the reply generated. A prose record is one target ending in EOS. ``loss_on_prompts``
-    makes every token a target (pretraining on the mixture).
+    makes every token a target (pretraining on the mixture), media placeholders excepted.
+    Images are read relative to ``base_dir`` (the folder of the record's JSONL file).
     """
-    from ..data import training_segments
+    from ..data import record_image_paths, training_segments
 
     if not record.get("messages"):
         ids = tokenizer.encode(str(record["text"]), allow_special_tokens=False) + [tokenizer.eos_id]
         return ChatExample(ids, [True] * len(ids))
+    sources = record_image_paths(dict(record), base_dir if base_dir is not None else ".")
+    refs = _media_refs(sources)
+    pad = tokenizer.token_to_id(MEDIA_PAD) if refs else -1
     ids: list[int] = []
     mask: list[bool] = []
+    used = 0
     for text, target in training_segments(dict(record), mask_failed=not loss_on_prompts):
         part = tokenizer.encode(text, allow_special_tokens=True)
+        if refs:
+            k = part.count(pad)
+            part = _expand(part, refs[used : used + k], pad, len(ids))
+            used += k
         ids.extend(part)
-        mask.extend([target or loss_on_prompts] * len(part))
-    return ChatExample(ids, mask)
+        mask.extend((target or loss_on_prompts) and t != pad for t in part)
+    if used != len(refs):
+        raise ValueError(f"{len(refs)} images but the rendered conversation holds {used} placeholders")
+    return ChatExample(ids, mask, refs)
 
 
-def read_pretrain_tokens(paths: Sequence[str | Path], tokenizer: KimiTokenizer) -> np.ndarray:
-    """One token stream from ``.txt`` / ``.jsonl {text}`` files and ``k25 data`` records (chats with their specials)."""
+@dataclass
+class MediaRef:
+    """One image of an example: where to read it, and the placeholder run it fills (start, length)."""
+
+    source: str
+    tokens: int
+    start: int = 0
+
+
+def _media_refs(sources: Sequence[str]) -> list[MediaRef]:
+    """Preprocess each image once, as inference does, to learn its token count (the pixels are dropped)."""
+    refs = []
+    for src in sources:
+        try:
+            refs.append(MediaRef(src, preprocess_image(src).num_tokens))
+        except MediaError as e:
+            raise ValueError(str(e)) from None
+    return refs
+
+
+def _expand(ids: list[int], refs: list[MediaRef], pad: int, offset: int) -> list[int]:
+    """Inference's placeholder expansion; records where each image's run starts (``offset``: ids before)."""
+    try:
+        out = expand_media_placeholders(ids, [r.tokens for r in refs], pad)
+    except MediaError as e:
+        raise ValueError(str(e)) from None
+    k = 0
+    i = 0
+    while k < len(refs):
+        if out[i] == pad:
+            refs[k].start = offset + i
+            i += refs[k].tokens
+            k += 1
+        else:
+            i += 1
+    return out
+
+
+def read_pretrain_tokens(
+    paths: Sequence[str | Path], tokenizer: KimiTokenizer, media_examples: list[ChatExample] | None = None
+) -> np.ndarray:
+    """One token stream from ``.txt`` / ``.jsonl {text}`` files and ``k25 data`` records (chats with their specials).
+
+    Records with images cannot be cut into stream windows (a window must hold whole images), so
+    they go to ``media_examples`` instead (every token a target but the media placeholders); without
+    that list they are an error.
+    """
+    from ..data import has_images
+
     stream: list[int] = []
     for p in map(Path, paths):
         if p.suffix == ".jsonl" and p.is_file():
@@ -93,6 +163,11 @@ def read_pretrain_tokens(paths: Sequence[str | Path], tokenizer: KimiTokenizer) 
             if records and all(is_curriculum_record(obj) for _, obj in records):
                 for n, obj in records:
                     try:
+                        if has_images(obj):
+                            if media_examples is None:
+                                raise ValueError("a record with images; train a model with a vision tower")
+                            media_examples.append(curriculum_example(obj, tokenizer, True, p.parent))
+                            continue
                         ex = curriculum_example(obj, tokenizer, loss_on_prompts=True)
                     except (ValueError, KeyError, TypeError) as e:
                         raise DataError(f"{p}:{n}: {e}") from None
@@ -100,6 +175,25 @@ def read_pretrain_tokens(paths: Sequence[str | Path], tokenizer: KimiTokenizer) 
                 continue
         stream.extend(tokenize_documents(read_documents([p]), tokenizer).tolist())
     return np.asarray(stream, dtype=np.int64)
+
+
+def data_has_images(paths: Sequence[str | Path]) -> bool:
+    """Whether any record of these JSONL files shows an image (decides whether the vision tower trains)."""
+    from ..data import has_images
+
+    for p in map(Path, paths):
+        if p.suffix != ".jsonl" or not p.is_file():
+            continue
+        with p.open(encoding="utf-8") as f:
+            for line in f:
+                if "image" in line and line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # reported with its line number when the data is read
+                    if isinstance(obj, dict) and isinstance(obj.get("messages"), list) and has_images(obj):
+                        return True
+    return False
 
 
 def read_documents(paths: Sequence[str | Path]) -> list[str]:
@@ -150,9 +244,11 @@ class Dataset(abc.ABC):
         return self.item(int(_permutation(n, seed, epoch)[pos]) if shuffle else pos)
 
     def batch(self, indices: Sequence[int], seed: int, shuffle: bool = True) -> tuple[torch.Tensor, ...]:
-        """Stacked ``(input_ids [B, T], targets [B, T], loss_mask [B, T])``."""
+        """Stacked ``(input_ids [B, T], targets [B, T], loss_mask [B, T])``, plus the rows' media
+        concatenated in row order (``pixel_values``, ``grid_thws``) for datasets with images."""
         parts = [self.sample(k, seed, shuffle) for k in indices]
-        return tuple(torch.stack(x) for x in zip(*parts, strict=True))
+        cols = list(zip(*parts, strict=True))
+        return (*(torch.stack(x) for x in cols[:3]), *(torch.cat(x) for x in cols[3:]))
 
 
 class PackedDataset(Dataset):
@@ -207,9 +303,31 @@ def assistant_spans(ids: Sequence[int], tokenizer: KimiTokenizer) -> list[tuple[
 class ChatExample:
     ids: list[int]
     mask: list[bool]
+    media: list[MediaRef] = field(default_factory=list)  # images in placeholder order
 
 
-def encode_conversation(conv: Mapping[str, Any], tokenizer: KimiTokenizer, thinking: bool = True) -> ChatExample:
+def no_media() -> tuple[torch.Tensor, torch.Tensor]:
+    """The media of a row without images: no patches, no grids."""
+    p = DEFAULT_LIMITS.patch_size
+    return torch.zeros(0, 3, p, p), torch.zeros(0, 3, dtype=torch.long)
+
+
+def load_media(refs: Sequence[MediaRef]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pixel_values``, ``grid_thws`` of some images, preprocessed as inference does."""
+    if not refs:
+        return no_media()
+    items = []
+    for ref in refs:
+        item = preprocess_image(ref.source)
+        if item.num_tokens != ref.tokens:
+            raise DataError(f"{ref.source}: {item.num_tokens} image tokens, {ref.tokens} when the data was read "
+                            "(did the file change?)")
+        items.append(item)
+    return pack_media(items)
+
+
+def encode_conversation(conv: Mapping[str, Any], tokenizer: KimiTokenizer, thinking: bool = True,
+                        base_dir: str | Path | None = None) -> ChatExample:
     """Tokens of a conversation and the mask of what the model generated, as at inference.
 
     The conversation is cut after its last assistant message. That message is the target
@@ -218,12 +336,17 @@ def encode_conversation(conv: Mapping[str, Any], tokenizer: KimiTokenizer, think
     reasoning by the template and are trained too (minus the ``<think>`` the prompt supplies);
     history turns, rendered with an empty ``<think></think>``, are context only.
     """
+    from ..data.vision import image_urls, resolve_url
+
     messages = list(conv["messages"])
     last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1)
     if last < 0:
         raise ValueError("the conversation has no assistant turn to learn from")
     history = messages[:last]
     prompt = tokenizer.encode(render(history, conv.get("tools"), thinking=thinking, add_generation_prompt=True))
+    refs = _media_refs([resolve_url(u, base_dir or ".") for u in image_urls(history)])
+    if refs:
+        prompt = _expand(prompt, refs, tokenizer.token_to_id(MEDIA_PAD), 0)
     target = tokenizer.encode(render_assistant_output(messages[last], thinking=thinking) + "<|im_end|>")
     mask = [False] * len(prompt)
     if thinking:
@@ -234,7 +357,7 @@ def encode_conversation(conv: Mapping[str, Any], tokenizer: KimiTokenizer, think
             if msg_index > split:
                 a += 1 if a < b and prompt[a] == think else 0
                 mask[a:b] = [True] * (b - a)
-    return ChatExample(prompt + target, mask + [True] * len(target))
+    return ChatExample(prompt + target, mask + [True] * len(target), refs)
 
 
 def read_chat_examples(paths: Sequence[str | Path], tokenizer: KimiTokenizer, thinking: bool = True
@@ -249,7 +372,8 @@ def read_chat_examples(paths: Sequence[str | Path], tokenizer: KimiTokenizer, th
             if not curriculum and (not isinstance(obj, dict) or not isinstance(obj.get("messages"), list)):
                 raise DataError(f"{p}:{n}: expected an object with a 'messages' list")
             try:
-                ex = curriculum_example(obj, tokenizer) if curriculum else encode_conversation(obj, tokenizer, thinking)
+                ex = (curriculum_example(obj, tokenizer, base_dir=p.parent) if curriculum
+                      else encode_conversation(obj, tokenizer, thinking, p.parent))
             except (ValueError, KeyError, TypeError) as e:
                 raise DataError(f"{p}:{n}: {e}") from None
             examples.append(ex)
@@ -263,6 +387,7 @@ class SFTDataset(Dataset):
         if not examples:
             raise DataError("no SFT conversations")
         self.examples, self.seq_len, self.pad_id = examples, seq_len, pad_id
+        self.multimodal = any(ex.media for ex in examples)
 
     @classmethod
     def from_jsonl(cls, paths: Sequence[str | Path], tokenizer: KimiTokenizer, seq_len: int,
@@ -280,14 +405,24 @@ class SFTDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def item(self, i: int) -> tuple[torch.Tensor, ...]:
         ex = self.examples[i]
-        ids = ex.ids[: self.seq_len + 1]
-        mask = ex.mask[: self.seq_len + 1]
+        n = self.seq_len + 1
+        media = []
+        for ref in ex.media:  # an image goes in whole or not at all: the row ends before a cut-off one
+            if ref.start + ref.tokens <= self.seq_len:
+                media.append(ref)
+            else:
+                n = min(n, ref.start)
+                break
+        ids = ex.ids[:n]
+        mask = ex.mask[:n]
         pad = self.seq_len + 1 - len(ids)
         ids = torch.tensor(ids + [self.pad_id] * pad)
         target_mask = torch.tensor(mask[1:] + [False] * pad)  # the loss of predicting token j+1 from j
-        return ids[:-1], ids[1:], target_mask
+        if not self.multimodal:
+            return ids[:-1], ids[1:], target_mask
+        return ids[:-1], ids[1:], target_mask, *load_media(media)
 
     def split(self, eval_fraction: float) -> tuple[SFTDataset, SFTDataset]:
         n_eval = max(1, int(len(self.examples) * eval_fraction))
@@ -319,12 +454,14 @@ class PackedSFTDataset(SFTDataset):
                 row = ChatExample([], [])
                 rows.append(row)
                 open_rows.append(row)
+            row.media.extend(MediaRef(r.source, r.tokens, r.start + len(row.ids)) for r in ex.media)
             row.ids.extend(ex.ids)
             row.mask.extend(ex.mask)
             if len(row.ids) > seq_len + 1 - self.CLOSE_BELOW:
                 open_rows.remove(row)
         self.conversations = examples
         self.examples = rows
+        self.multimodal = any(ex.media for ex in rows)
 
     def split(self, eval_fraction: float) -> tuple[SFTDataset, SFTDataset]:
         n_eval = max(1, int(len(self.conversations) * eval_fraction))
@@ -332,3 +469,32 @@ class PackedSFTDataset(SFTDataset):
             raise DataError(f"{len(self.conversations)} conversations: too few to hold out {eval_fraction:.0%}")
         return (PackedSFTDataset(self.conversations[:-n_eval], self.seq_len, self.pad_id),
                 PackedSFTDataset(self.conversations[-n_eval:], self.seq_len, self.pad_id))
+
+
+class ConcatDataset(Dataset):
+    """Several datasets in one index space: pretraining's text windows beside its rows of image records.
+
+    The seeded shuffle runs over the union, so image rows are spread evenly through training at
+    the share the data gives them (the report's early fusion: a constant low vision ratio).
+    """
+
+    def __init__(self, parts: Sequence[Dataset]) -> None:
+        self.parts = [p for p in parts if len(p)]
+        if not self.parts:
+            raise DataError("no training samples")
+        self.seq_len = self.parts[0].seq_len
+        self.multimodal = any(getattr(p, "multimodal", False) for p in self.parts)
+        self.offsets = np.cumsum([0, *(len(p) for p in self.parts)]).tolist()
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def item(self, i: int) -> tuple[torch.Tensor, ...]:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        sample = self.parts[k].item(i - int(self.offsets[k]))
+        return (*sample, *no_media()) if self.multimodal and len(sample) == 3 else sample
+
+    def split(self, eval_fraction: float) -> tuple[ConcatDataset, ConcatDataset]:
+        """Each part split its own way (the end of the stream; the last conversations)."""
+        pairs = [p.split(eval_fraction) for p in self.parts]  # type: ignore[attr-defined]
+        return ConcatDataset([a for a, _ in pairs]), ConcatDataset([b for _, b in pairs])

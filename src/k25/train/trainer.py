@@ -11,6 +11,12 @@ safetensors under the official names, tokenizer, chat template) plus ``optimizer
 ``checkpoints/latest`` is replaced atomically, so a run killed at any moment resumes from the last
 complete checkpoint. Data order is a pure function of (seed, sample index) and the lr a pure
 function of the step, so the resumed run reproduces the uninterrupted run's losses exactly.
+
+When the data shows images (or ``vision="on"``) the whole K25ForConditionalGeneration trains: the
+batches carry ``pixel_values``/``grid_thws``, the vision tower and projector get gradients and Muon
+(their 2-D weights; the conv patch embedding and position table go to AdamW, as the token
+embedding does), and checkpoints are in the K2.5 layout with ``vision_tower.``/``mm_projector.``.
+Text-only data trains the text model alone, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +46,17 @@ from ..checkpoint.model_io import text_model
 from ..config import K25Config, preset
 from ..model.moe import Experts
 from .balance import ExpertLoad, sequence_aux_loss
-from .data import Dataset, PackedDataset, SFTDataset, load_tokenizer, read_pretrain_tokens
+from .data import (
+    ChatExample,
+    ConcatDataset,
+    Dataset,
+    PackedDataset,
+    PackedSFTDataset,
+    SFTDataset,
+    data_has_images,
+    load_tokenizer,
+    read_pretrain_tokens,
+)
 from .muon import MuonClip, attention_layers, build_optimizer
 from .schedule import lr_factor
 
@@ -80,6 +97,7 @@ class TrainConfig:
     device: str = "cpu"  # cpu | cuda (one process; the result is the same run, up to float rounding)
     qat: str = "none"  # none | int4: fake INT4 (group 32, symmetric, straight-through) on the routed experts
     pack: bool = False  # SFT: several conversations per sequence instead of one padded each
+    vision: str = "auto"  # auto: train the vision tower when the data has images | on | off
     parallel: str = "ddp"  # with several processes: ddp (replicated, grads all-reduced) | fsdp (FSDP2 sharded)
     eval_data: list[str] = field(default_factory=list)
     eval_fraction: float = 0.05
@@ -141,6 +159,8 @@ class Trainer:
             raise TrainError(f"amp {cfg.amp!r}: expected 'none' or 'bf16'")
         if cfg.qat not in ("none", "int4"):
             raise TrainError(f"qat {cfg.qat!r}: expected 'none' or 'int4'")
+        if cfg.vision not in ("auto", "on", "off"):
+            raise TrainError(f"vision {cfg.vision!r}: expected 'auto', 'on' or 'off'")
         try:
             self.device = torch.device(cfg.device)
         except RuntimeError as e:
@@ -157,6 +177,10 @@ class Trainer:
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
+        self.vision = self._use_vision()
+        if self.vision and self.world > 1 and cfg.parallel == "fsdp":
+            raise TrainError("FSDP does not shard the vision tower yet (a rank without images would skip its "
+                             "gradient collective); train multimodal models with --parallel ddp")
         self.model, self.config = self._build_model()
         self.model.to(self.device)
         if cfg.qat == "int4":
@@ -178,24 +202,42 @@ class Trainer:
 
     # ---- setup ------------------------------------------------------------------------------
 
+    def _use_vision(self) -> bool:
+        """Whether the vision tower trains: ``on``/``off``, or (``auto``) whether any data file shows an image."""
+        cfg = self.cfg
+        images = data_has_images([*cfg.data, *cfg.eval_data])
+        if cfg.vision == "off" and images:
+            raise TrainError("the data has image records but vision is off; drop them or use --vision auto")
+        return cfg.vision == "on" or (cfg.vision == "auto" and images)
+
     def _build_model(self) -> tuple[nn.Module, K25Config]:
         cfg = self.cfg
         if Path(cfg.model).is_dir():
             if cfg.overrides:
                 raise TrainError("--override applies to presets; a checkpoint's architecture is fixed")
-            model = text_model(load_model(cfg.model, dtype=torch.float32, vision=False))
+            if self.vision and K25Config.from_json_file(cfg.model).vision_config is None:
+                raise TrainError(f"{cfg.model} has no vision tower (a text-only checkpoint), but the data has images; "
+                                 "start from a preset with one (k25-mini, tiny) or a multimodal checkpoint")
+            model = load_model(cfg.model, dtype=torch.float32, vision=self.vision)
+            model = model if self.vision else text_model(model)
             config = model.k25_config if hasattr(model, "k25_config") else K25Config.from_json_file(cfg.model)
         else:
             config = preset(cfg.model)
-            config.vision_config = None  # text training; also frees the vision/text width coupling
+            if not self.vision:
+                config.vision_config = None  # text training; also frees the vision/text width coupling
+            elif config.vision_config is None:
+                raise TrainError(f"preset {cfg.model!r} has no vision tower, but the data has images")
+            elif "hidden_size" in cfg.overrides:  # the projector writes into the text width
+                config.vision_config.text_hidden_size = cfg.overrides["hidden_size"]
             if cfg.overrides:
                 config = config.replace_text(**cfg.overrides)
             model = None
-        config.vision_config = None  # the text model is trained; checkpoints carry no vision tower
+        if not self.vision:
+            config.vision_config = None  # the text model is trained; checkpoints carry no vision tower
         config.quantization_config = None
         config.text_config.dtype = config.dtype = "float32"
         if model is None:
-            model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=False)
+            model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=self.vision)
         return model.train(), config
 
     def set_qat(self, on: bool) -> None:
@@ -221,16 +263,28 @@ class Trainer:
             raise TrainError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {vocab}")
         for t in (self.config.text_config, self.config):  # generation stops at <|im_end|>, as the release
             t.bos_token_id, t.eos_token_id, t.pad_token_id = tok.bos_id, tok.im_end_id, tok.pad_id
+        if self.vision:  # the placeholder the data's expanded images use
+            self.config.media_placeholder_token_id = tok.token_to_id("<|media_pad|>")
         return tok
+
+    def _pretrain_set(self, paths: list[str]) -> Dataset:
+        """The token stream's windows; with a vision tower, plus packed rows of the image records."""
+        media: list[ChatExample] | None = [] if self.vision else None
+        tokens = read_pretrain_tokens(paths, self.tokenizer, media)
+        if not media:
+            return PackedDataset(tokens, self.cfg.seq_len)
+        parts: list[Dataset] = [PackedSFTDataset(media, self.cfg.seq_len, self.tokenizer.pad_id)]
+        if len(tokens) > self.cfg.seq_len:
+            parts.insert(0, PackedDataset(tokens, self.cfg.seq_len))
+        return ConcatDataset(parts)
 
     def _build_data(self) -> tuple[Dataset, Dataset]:
         cfg = self.cfg
         if cfg.task == "pretrain":
-            data = PackedDataset(read_pretrain_tokens(cfg.data, self.tokenizer), cfg.seq_len)
+            data = self._pretrain_set(cfg.data)
             if cfg.eval_data:
-                held = PackedDataset(read_pretrain_tokens(cfg.eval_data, self.tokenizer), cfg.seq_len)
-                return data, held
-            return data.split(cfg.eval_fraction)
+                return data, self._pretrain_set(cfg.eval_data)
+            return data.split(cfg.eval_fraction)  # type: ignore[attr-defined]
         data = SFTDataset.from_jsonl(cfg.data, self.tokenizer, cfg.seq_len, cfg.thinking, pack=cfg.pack)
         if cfg.eval_data:
             return data, SFTDataset.from_jsonl(cfg.eval_data, self.tokenizer, cfg.seq_len, cfg.thinking,
@@ -247,7 +301,7 @@ class Trainer:
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
         mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (self.world,))
-        for layer in self.model.model.layers:
+        for layer in text_model(self.model).model.layers:  # the vision tower is sharded with the root
             fully_shard(layer, mesh=mesh)
         fully_shard(self.model, mesh=mesh)
         for m in self.model.modules():
@@ -265,6 +319,13 @@ class Trainer:
         if self.cfg.amp == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def forward(self, ids: torch.Tensor, media: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """Logits; ``media`` = (pixel_values, grid_thws) of the rows' images, scattered into their placeholders."""
+        with self._autocast():
+            if media and media[1].shape[0]:
+                return self.model(ids, pixel_values=media[0], grid_thws=media[1])
+            return self.model(ids)
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, ...]]:
         """This rank's micro-batches of ``step``: global micro-batch j = a·world + rank."""
@@ -284,7 +345,7 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * factor
         batches = self.micro_batches(self.step)
-        n_tokens = torch.tensor(float(sum(int(m.sum()) for _, _, m in batches)), device=self.device)
+        n_tokens = torch.tensor(float(sum(int(b[2].sum()) for b in batches)), device=self.device)
         if self.world > 1:
             dist.all_reduce(n_tokens)
         if n_tokens == 0:
@@ -292,9 +353,8 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         opt.zero_grad(set_to_none=True)
-        for ids, targets, mask in batches:
-            with self._autocast():
-                logits = model(ids)
+        for ids, targets, mask, *media in batches:
+            logits = self.forward(ids, media)
             token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
             loss = (token_loss * mask.flatten()).sum() / n_tokens
             if cfg.seq_aux_alpha > 0:
@@ -328,8 +388,19 @@ class Trainer:
         }
 
     def _all_reduce_grads(self) -> None:
-        """Sum gradients over ranks in one flat buffer (data parallel: replicas stay identical)."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        """Sum gradients over ranks in one flat buffer (data parallel: replicas stay identical).
+
+        A parameter with a gradient on any rank gets one on every rank (zeros where it had none,
+        e.g. the vision tower on a rank whose batch held no image), so the buffers line up and the
+        optimizer updates the same parameters everywhere, as one process would.
+        """
+        params = list(self.model.parameters())
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=self.device)
+        dist.all_reduce(present, op=dist.ReduceOp.MAX)
+        for p, there in zip(params, present.tolist(), strict=True):
+            if there and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params if p.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         offset = 0
@@ -351,9 +422,8 @@ class Trainer:
             n = min(len(self.eval_set), cfg.eval_batches * cfg.batch_size)
             for start in range(0, n, cfg.batch_size):
                 batch = self.eval_set.batch(range(start, min(n, start + cfg.batch_size)), 0, shuffle=False)
-                ids, targets, mask = (t.to(self.device) for t in batch)
-                with self._autocast():
-                    logits = model(ids)
+                ids, targets, mask, *media = (t.to(self.device) for t in batch)
+                logits = self.forward(ids, media)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
                 total += float((loss * mask.flatten()).sum())
                 count += int(mask.sum())
@@ -383,10 +453,10 @@ class Trainer:
             full = get_model_state_dict(self.model, options=opts)
             optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
             if self.rank == 0:
-                model = build_model(self.config, dtype=torch.float32, seed=None, vision=False)
+                model = build_model(self.config, dtype=torch.float32, seed=None, vision=self.vision)
                 model.load_state_dict(full)
         elif self.device.type != "cpu" and self.rank == 0:
-            model = build_model(self.config, dtype=torch.float32, seed=None, vision=False)
+            model = build_model(self.config, dtype=torch.float32, seed=None, vision=self.vision)
             model.load_state_dict({k: v.cpu() for k, v in self.model.state_dict().items()})
         if self.rank == 0:
             tmp = final.with_name(final.name + ".tmp")
@@ -435,7 +505,8 @@ class Trainer:
             raise TrainError(f"cannot resume from {path}: the run's settings changed ({details})")
         if state["world_size"] != self.world:
             raise TrainError(f"cannot resume from {path}: written with {state['world_size']} ranks, now {self.world}")
-        loaded = text_model(load_model(path, dtype=torch.float32, vision=False))
+        loaded = load_model(path, dtype=torch.float32, vision=self.vision)
+        loaded = loaded if self.vision else text_model(loaded)
         optim_state = torch.load(path / "optimizer.pt", weights_only=False, map_location=self.device)
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
