@@ -57,8 +57,9 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
                    help="quantization-aware training: fake INT4 (group 32, symmetric, STE) on the routed experts")
     p.add_argument("--vision", choices=["auto", "on", "off"], default="auto",
                    help="train the vision tower too (K2.5 layout checkpoints): auto = when the data has images")
-    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
-                   help="under torchrun: replicated data parallel, or FSDP2-sharded parameters and optimizer state")
+    p.add_argument("--parallel", choices=["ddp", "fsdp", "ep"], default="ddp",
+                   help="under torchrun: replicated data parallel, FSDP2-sharded parameters and optimizer state, "
+                   "or data parallel with the routed experts split over the ranks (expert parallel, all-to-all)")
     p.add_argument("--eval-data", nargs="*", default=[], help="held-out files (default: split off the data)")
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--eval-every", type=int, default=50)

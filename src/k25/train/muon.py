@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.optim.adam import adam as adam_functional
 
 from ..model.attention import MLAttention
+from .expert_parallel import is_expert_parallel
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic; the same as torch.optim.Muon's
 RMS_MATCH = 0.2  # AdamW's typical update RMS (Moonlight §2.1)
@@ -178,7 +179,8 @@ class MuonClip(torch.optim.Optimizer):
     ``nesterov``, ``ns_steps``. AdamW groups: ``lr``, ``weight_decay``, ``betas``, ``eps``.
     ``attention`` lists the MLA layers to clip (``qk_clip_tau=None`` records and reports the max
     logits without clipping). Under replicated data parallelism ``distribute_ns`` divides the
-    Newton–Schulz work over the ranks. Use :func:`build_optimizer` to route a model's parameters.
+    Newton–Schulz work over the ranks; expert-parallel slices (each rank's own experts) are
+    orthogonalised where they lie. Use :func:`build_optimizer` to route a model's parameters.
     """
 
     def __init__(
@@ -261,14 +263,16 @@ class MuonClip(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)
             pending.append((p, p.grad.lerp(buf, mu) if group["nesterov"] else buf))
-        orthos = self._orthogonalise_all([u for _, u in pending], group["ns_steps"])
+        orthos = self._orthogonalise_all([u for _, u in pending], group["ns_steps"],
+                                         local=[is_expert_parallel(p) for p, _ in pending])
         sq_sum, count = 0.0, 0
         for (p, _), ortho in zip(pending, orthos, strict=True):
             scale = muon_lr_scale(p.shape)
-            if isinstance(ortho, tuple):  # (DTensor, local): sharded expert stack, statistic summed over ranks
+            if isinstance(ortho, tuple):  # (update, True): this rank's experts only, statistic summed over ranks
                 ortho = ortho[0]
-                s = float(ortho.to_local().float().pow(2).sum()) * scale**2
-                self._sharded_stats += torch.tensor([s, ortho.to_local().numel()], dtype=torch.float64)
+                mine = ortho.to_local() if isinstance(ortho, DTensor) else ortho
+                s = float(mine.float().pow(2).sum()) * scale**2
+                self._sharded_stats += torch.tensor([s, mine.numel()], dtype=torch.float64)
             else:
                 full = ortho.full_tensor() if isinstance(ortho, DTensor) else ortho
                 sq_sum += float(full.float().pow(2).sum()) * scale**2
@@ -277,25 +281,31 @@ class MuonClip(torch.optim.Optimizer):
             p.add_(ortho.to(p.dtype), alpha=-lr * scale)
         return sq_sum, count
 
-    def _orthogonalise_all(self, updates: list[torch.Tensor], steps: int) -> list[Any]:
+    def _orthogonalise_all(self, updates: list[torch.Tensor], steps: int, local: list[bool] | None = None) -> list[Any]:
         """Newton–Schulz of every update. Replicated data parallel (``distribute_ns``): each matrix is
         orthogonalised by one owner rank (largest first, to the least-loaded rank) and broadcast, so
-        the work is divided by the world size and the result is the single-process one bit for bit."""
-        replicated = [u for u in updates if not isinstance(u, DTensor)]
+        the work is divided by the world size and the result is the single-process one bit for bit.
+
+        ``local[i]`` marks an expert-parallel slice (this rank's experts, different on every rank):
+        orthogonalised here, per expert, and returned as ``(update, True)`` like a sharded expert stack.
+        """
+        local = local if local is not None else [False] * len(updates)
+        replicated = [i for i, u in enumerate(updates) if not isinstance(u, DTensor) and not local[i]]
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         owners: dict[int, int] = {}
         if self.distribute_ns and world > 1 and replicated:
             load = [0] * world
-            for i in sorted(range(len(updates)), key=lambda i: -updates[i].numel()):
-                if not isinstance(updates[i], DTensor):
-                    owners[i] = min(range(world), key=load.__getitem__)
-                    load[owners[i]] += updates[i].numel()
+            for i in sorted(replicated, key=lambda i: -updates[i].numel()):
+                owners[i] = min(range(world), key=load.__getitem__)
+                load[owners[i]] += updates[i].numel()
         rank = dist.get_rank() if owners else 0
         out: list[Any] = []
         for i, u in enumerate(updates):
             if isinstance(u, DTensor):
-                ortho, local = self._orthogonalise_sharded(u, steps)
-                out.append((ortho, True) if local else ortho)
+                ortho, is_local = self._orthogonalise_sharded(u, steps)
+                out.append((ortho, True) if is_local else ortho)
+            elif local[i]:
+                out.append((newton_schulz(u, steps, dtype=self.ns_dtype), True))
             elif i in owners and owners[i] != rank:
                 out.append(torch.empty(u.shape, dtype=self.ns_dtype, device=u.device))
             else:  # contiguous: a tall matrix comes back as a transposed view, and broadcast sends raw memory

@@ -3,6 +3,8 @@
 One optimizer step = ``grad_accum`` micro-batches on each of ``world`` ranks. The loss is the sum
 of token losses over the whole global batch divided by its number of target tokens, so the
 gradient (summed over micro-batches and all-reduced over ranks) is the same whatever the split.
+Under torchrun the parameters are replicated (``ddp``), FSDP2-sharded (``fsdp``), or replicated
+except the routed experts, which are split over the ranks (``ep``, see ``expert_parallel.py``).
 After ``optimizer.step()`` (Muon/AdamW + QK-Clip) the MoE correction biases move towards balance.
 
 Checkpoints (``out/checkpoints/step-N``) are complete k25 checkpoint directories (config.json,
@@ -57,10 +59,19 @@ from .data import (
     load_tokenizer,
     read_pretrain_tokens,
 )
+from .expert_parallel import (
+    full_optimizer_state,
+    full_state_dict,
+    is_expert_parallel,
+    local_optimizer_state,
+    local_state_dict,
+    shard_experts,
+)
 from .muon import MuonClip, attention_layers, build_optimizer
 from .schedule import lr_factor
 
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+PARALLEL = ("ddp", "fsdp", "ep")
 
 
 class TrainError(ValueError):
@@ -98,7 +109,9 @@ class TrainConfig:
     qat: str = "none"  # none | int4: fake INT4 (group 32, symmetric, straight-through) on the routed experts
     pack: bool = False  # SFT: several conversations per sequence instead of one padded each
     vision: str = "auto"  # auto: train the vision tower when the data has images | on | off
-    parallel: str = "ddp"  # with several processes: ddp (replicated, grads all-reduced) | fsdp (FSDP2 sharded)
+    # with several processes: ddp (replicated, grads all-reduced) | fsdp (FSDP2 sharded) | ep (ddp, with the
+    # routed experts split over the ranks and tokens sent to them by all-to-all)
+    parallel: str = "ddp"
     eval_data: list[str] = field(default_factory=list)
     eval_fraction: float = 0.05
     eval_every: int = 50
@@ -124,9 +137,17 @@ def _world() -> tuple[int, int]:
 
 
 def init_distributed() -> tuple[int, int]:
-    """Join the torchrun process group (gloo on CPU) when launched with WORLD_SIZE > 1."""
+    """Join the torchrun process group when launched with WORLD_SIZE > 1.
+
+    gloo on CPU. With CUDA: NCCL for CUDA tensors and gloo for the small CPU ones (expert-load counts,
+    update statistics), and each rank on its own GPU (``LOCAL_RANK``), which ``--device cuda`` then means.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("cpu:gloo,cuda:nccl")
+        else:
+            dist.init_process_group("gloo")
     return _world()
 
 
@@ -153,8 +174,8 @@ class Trainer:
             raise TrainError(f"task {cfg.task!r}: expected 'pretrain' or 'sft'")
         if cfg.ns_dtype not in NS_DTYPES:
             raise TrainError(f"ns_dtype {cfg.ns_dtype!r}: expected one of {', '.join(NS_DTYPES)}")
-        if cfg.parallel not in ("ddp", "fsdp"):
-            raise TrainError(f"parallel {cfg.parallel!r}: expected 'ddp' or 'fsdp'")
+        if cfg.parallel not in PARALLEL:
+            raise TrainError(f"parallel {cfg.parallel!r}: expected one of {', '.join(PARALLEL)}")
         if cfg.amp not in ("none", "bf16"):
             raise TrainError(f"amp {cfg.amp!r}: expected 'none' or 'bf16'")
         if cfg.qat not in ("none", "int4"):
@@ -188,8 +209,11 @@ class Trainer:
         self.tokenizer = self._build_tokenizer()
         self.train_set, self.eval_set = self._build_data()
         self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
+        self.ep = self.world > 1 and cfg.parallel == "ep"
         if self.fsdp:
             self._shard_model()
+        if self.ep:
+            self._shard_experts()
         self.optimizer: MuonClip = build_optimizer(
             self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, qk_clip_tau=cfg.qk_clip_tau,
             ns_dtype=NS_DTYPES[cfg.ns_dtype],
@@ -309,6 +333,17 @@ class Trainer:
                 m.set_gradient_divide_factor(1.0)
                 m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 
+    def _shard_experts(self) -> None:
+        """Expert parallelism: keep this rank's ``E/world`` routed experts (a contiguous block) per MoE layer.
+
+        Every rank built the same full model (same seed or checkpoint), so the slices are exactly the
+        single-process weights; everything else stays replicated, as under ``ddp``.
+        """
+        try:
+            shard_experts(self.model, self.rank, self.world)
+        except ValueError as e:
+            raise TrainError(f"--parallel ep: {e}") from None
+
     def _barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -370,7 +405,11 @@ class Trainer:
             dist.all_reduce(loss_sum)
             dist.all_reduce(aux_sum)
         params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        if self.ep:
+            grad_norm = self._clip_grad_norm_ep(params, max_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
         if not torch.isfinite(grad_norm):
@@ -392,9 +431,11 @@ class Trainer:
 
         A parameter with a gradient on any rank gets one on every rank (zeros where it had none,
         e.g. the vision tower on a rank whose batch held no image), so the buffers line up and the
-        optimizer updates the same parameters everywhere, as one process would.
+        optimizer updates the same parameters everywhere, as one process would. Expert-parallel
+        slices are skipped: the all-to-all backward already brought each expert the gradient from
+        every rank's tokens.
         """
-        params = list(self.model.parameters())
+        params = [p for p in self.model.parameters() if not is_expert_parallel(p)]
         present = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=self.device)
         dist.all_reduce(present, op=dist.ReduceOp.MAX)
         for p, there in zip(params, present.tolist(), strict=True):
@@ -407,6 +448,24 @@ class Trainer:
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def _clip_grad_norm_ep(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """``clip_grad_norm_`` over the whole model when each rank holds different experts.
+
+        Replicated gradients are equal on every rank and count once; the expert slices' squared norms
+        are summed over ranks. Every rank then scales by the same global coefficient.
+        """
+        from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+        experts = [p.grad for p in params if is_expert_parallel(p)]
+        replicated = [p.grad for p in params if not is_expert_parallel(p)]
+        sq = get_total_norm(experts).pow(2) if experts else torch.zeros((), device=self.device)
+        dist.all_reduce(sq)
+        if replicated:
+            sq = sq + get_total_norm(replicated).pow(2)
+        total = sq.sqrt()
+        clip_grads_with_norm_(params, max_norm, total)
+        return total
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -455,6 +514,12 @@ class Trainer:
             if self.rank == 0:
                 model = build_model(self.config, dtype=torch.float32, seed=None, vision=self.vision)
                 model.load_state_dict(full)
+        elif self.ep:  # gather whole expert stacks and their optimizer state (collectives)
+            full = full_state_dict(self.model)
+            optim_state = full_optimizer_state(self.optimizer)
+            if self.rank == 0:
+                model = build_model(self.config, dtype=torch.float32, seed=None, vision=False)
+                model.load_state_dict(full)
         elif self.device.type != "cpu" and self.rank == 0:
             model = build_model(self.config, dtype=torch.float32, seed=None, vision=self.vision)
             model.load_state_dict({k: v.cpu() for k, v in self.model.state_dict().items()})
@@ -465,7 +530,7 @@ class Trainer:
             save_model(model, self.config, tmp)
             self.tokenizer.save_pretrained(tmp)
             write_chat_template(tmp)
-            torch.save(optim_state if self.fsdp else self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(optim_state if optim_state is not None else self.optimizer.state_dict(), tmp / "optimizer.pt")
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "world_size": self.world,
                      "train_config": self.cfg.to_json()}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -518,6 +583,9 @@ class Trainer:
             opts = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.model, loaded.state_dict(), options=opts)
             set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=opts)
+        elif self.ep:  # the checkpoint holds whole expert stacks: keep this rank's slice
+            self.model.load_state_dict(local_state_dict(self.model, loaded.state_dict()))
+            self.optimizer.load_state_dict(local_optimizer_state(self.optimizer, optim_state))
         else:
             self.model.load_state_dict(loaded.state_dict())
             self.optimizer.load_state_dict(optim_state)
