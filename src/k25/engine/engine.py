@@ -326,13 +326,19 @@ class LLMEngine:
 
     # ---- convenience -------------------------------------------------------------------------
 
-    def run(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
-            ) -> list[RequestOutput]:
-        """Generate for all `prompts` to completion (continuous batching); outputs in prompt order."""
+    def run(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+            request_kwargs: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """Generate for all `prompts` to completion (continuous batching); outputs in prompt order.
+
+        `request_kwargs`: per prompt, more arguments for :meth:`add_request` (e.g. media embeddings).
+        """
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+        extra = list(request_kwargs) if request_kwargs is not None else [{}] * len(prompts)
+        if len(extra) != len(prompts):
+            raise ValueError(f"{len(extra)} request_kwargs for {len(prompts)} prompts")
+        ids = [self.add_request(p, sp, **kw) for p, sp, kw in zip(prompts, plist, extra, strict=True)]
         while self.has_unfinished():
             self.step()
         outs = [self.output(i) for i in ids]

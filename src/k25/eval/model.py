@@ -286,15 +286,8 @@ class EngineGenerator:
 
     def _run(self, ids: list[list[int]], embeds: list[Any], params: Any) -> list[Any]:
         """``LLMEngine.run`` with each request's media embeddings attached."""
-        engine = self.llm.engine
-        rids = [engine.add_request(x, params, media_embeds=e, media_token_id=None if e is None else self.media_token_id)
-                for x, e in zip(ids, embeds, strict=True)]
-        while engine.has_unfinished():
-            engine.step()
-        outs = [engine.output(r) for r in rids]
-        for r in rids:
-            engine.release(r)
-        return outs
+        media = [{"media_embeds": e, "media_token_id": None if e is None else self.media_token_id} for e in embeds]
+        return self.llm.engine.run(ids, params, request_kwargs=media)
 
     def generate(self, prompts: Sequence[str], images: Sequence[Sequence[str]] | None = None) -> list[Completion]:
         """Greedy completions of ``prompts`` (showing ``images``: per prompt, its image files), in one engine run."""
