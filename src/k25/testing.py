@@ -15,6 +15,7 @@ import torch
 
 from .checkpoint import build_model, save_model
 from .config import K25Config, preset
+from .server.local import AppThread
 
 
 def tiny_config(text_only: bool = False, **text_overrides: Any) -> K25Config:
@@ -103,37 +104,9 @@ def byte_tokenizer(directory: str | Path):
     return KimiTokenizer(path)
 
 
-class ServerThread:
-    """Run an ASGI app with uvicorn on a free localhost port in a thread (tests, demos)."""
-
-    def __init__(self, app: Any, host: str = "127.0.0.1") -> None:
-        import socket
-        import threading
-
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind((host, 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, host=host, port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError(f"server on {self.url} did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
+class ServerThread(AppThread):
+    """Run an ASGI app with uvicorn on a free localhost port in a thread (tests, demos): the server's own
+    :class:`~k25.server.local.AppThread`, under the name the tests use."""
 
 
 class ScriptedBackend:
