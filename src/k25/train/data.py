@@ -172,7 +172,9 @@ def read_pretrain_tokens(
                     except (ValueError, KeyError, TypeError) as e:
                         raise DataError(f"{p}:{n}: {e}") from None
                     stream.extend(ex.ids if ex.ids[-1] == tokenizer.eos_id else [*ex.ids, tokenizer.eos_id])
-                continue
+            else:  # plain {text} records: already read
+                stream.extend(tokenize_documents(_texts(p, records), tokenizer).tolist())
+            continue
         stream.extend(tokenize_documents(read_documents([p]), tokenizer).tolist())
     return np.asarray(stream, dtype=np.int64)
 
@@ -196,6 +198,16 @@ def data_has_images(paths: Sequence[str | Path]) -> bool:
     return False
 
 
+def _texts(path: Path, records: Iterable[tuple[int, Any]]) -> list[str]:
+    """The ``text`` of each ``(line number, object)`` of a ``.jsonl`` file, or an error naming the line."""
+    docs = []
+    for n, obj in records:
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise DataError(f"{path}:{n}: expected an object with a string 'text' field")
+        docs.append(obj["text"])
+    return docs
+
+
 def read_documents(paths: Sequence[str | Path]) -> list[str]:
     """Text documents: a ``.txt`` file is one document; a ``.jsonl`` file has one ``{"text": ...}`` per line."""
     docs: list[str] = []
@@ -203,10 +215,7 @@ def read_documents(paths: Sequence[str | Path]) -> list[str]:
         if not p.is_file():
             raise DataError(f"{p}: no such data file")
         if p.suffix == ".jsonl":
-            for n, obj in _read_jsonl(p):
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise DataError(f"{p}:{n}: expected an object with a string 'text' field")
-                docs.append(obj["text"])
+            docs.extend(_texts(p, _read_jsonl(p)))
         else:
             docs.append(p.read_text(encoding="utf-8", errors="replace"))
     return docs
