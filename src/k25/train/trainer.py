@@ -70,7 +70,7 @@ from .expert_parallel import (
 from .muon import MuonClip, attention_layers, build_optimizer
 from .schedule import lr_factor
 
-NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 PARALLEL = ("ddp", "fsdp", "ep")
 
 
@@ -93,7 +93,9 @@ class TrainConfig:
     grad_accum: int = 1
     steps: int = 100
     optimizer: str = "muonclip"  # muonclip | adamw
-    ns_dtype: str = "bfloat16"  # Newton–Schulz precision: bfloat16 (as the references) | float32
+    # Newton–Schulz precision: bfloat16 (as the references) | float32 | auto: bfloat16 on a GPU, float32 on
+    # the CPU, where bf16 matmuls are ~2× slower than fp32 (BENCHMARKS.md, "Newton–Schulz on the CPU")
+    ns_dtype: str = "auto"
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 10
@@ -216,7 +218,7 @@ class Trainer:
             self._shard_experts()
         self.optimizer: MuonClip = build_optimizer(
             self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, qk_clip_tau=cfg.qk_clip_tau,
-            ns_dtype=NS_DTYPES[cfg.ns_dtype],
+            ns_dtype=NS_DTYPES[cfg.ns_dtype] or (torch.float32 if self.device.type == "cpu" else torch.bfloat16),
         )
         for group in self.optimizer.param_groups:
             group["initial_lr"] = group["lr"]
