@@ -262,3 +262,33 @@ def test_plain_conversations_with_images_train_too(tmp_path, root, tok):
     pad = tok.token_to_id(PAD)
     assert len(ex.media) == 1 and ex.ids.count(pad) == 64 and ex.ids[ex.media[0].start] == pad
     assert not any(m for t, m in zip(ex.ids, ex.mask, strict=True) if t == pad) and any(ex.mask)
+
+
+def test_vision_init_grafts_a_new_tower_onto_a_text_checkpoint(root, tmp_path):
+    """A text-only checkpoint + ``--vision-init``: the language model keeps its weights, the tower trains."""
+    text_dir = tmp_path / "text"
+    config = tiny_config(**SMALL)
+    config.vision_config = None  # as `k25 train` writes a text model: K2.5 layout, no tower
+    write_random_checkpoint(text_dir, config, seed=5)
+    text = load_model(text_dir, dtype=torch.float32)
+    files = _files(root, "vision_count", "arith_think")
+    base = dict(out=str(tmp_path / "run"), data=files, task="sft", model=str(text_dir), tokenizer="bytes", pack=True,
+                seq_len=384, batch_size=2, steps=1, lr=1e-2, warmup_steps=1, eval_every=0, progress=False)
+    with pytest.raises(TrainError, match="no vision tower .* --vision-init PRESET"):
+        Trainer(TrainConfig(**base))
+    with pytest.raises(TrainError, match="vision_init 'nope': expected a preset name"):
+        Trainer(TrainConfig(**base, vision_init="nope"))
+    with pytest.raises(TrainError, match="is a preset or already has one"):
+        Trainer(TrainConfig(**dict(base, model="tiny"), vision_init="tiny"))
+    trainer = Trainer(TrainConfig(**base, vision_init="tiny"))
+    model = trainer.model
+    assert isinstance(model, K25ForConditionalGeneration)
+    assert model.k25_config.vision_config.text_hidden_size == config.text_config.hidden_size
+    for (name, p), q in zip(model.language_model.state_dict().items(), text.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    tower = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("vision_tower.")}
+    trainer.run()
+    saved = load_model(tmp_path / "run" / "checkpoints" / "step-00000001", dtype=torch.float32)
+    assert isinstance(saved, K25ForConditionalGeneration)
+    moved = [n for n, p in saved.named_parameters() if n in tower and not torch.equal(p, tower[n])]
+    assert moved, "the grafted tower did not train"

@@ -58,6 +58,8 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
                    help="quantization-aware training: fake INT4 (group 32, symmetric, STE) on the routed experts")
     p.add_argument("--vision", choices=["auto", "on", "off"], default="auto",
                    help="train the vision tower too (K2.5 layout checkpoints): auto = when the data has images")
+    p.add_argument("--vision-init", metavar="PRESET", default=None,
+                   help="--model is a text-only checkpoint: add a new vision tower and projector of PRESET's shape")
     p.add_argument("--parallel", choices=["ddp", "fsdp", "ep"], default="ddp",
                    help="under torchrun: replicated data parallel, FSDP2-sharded parameters and optimizer state, "
                    "or data parallel with the routed experts split over the ranks (expert parallel, all-to-all)")
@@ -88,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         decay_fraction=args.decay_fraction, grad_clip=args.grad_clip, qk_clip_tau=args.qk_clip_tau,
         bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha, amp=args.amp, parallel=args.parallel,
         device=args.device, qat=args.qat, pack=getattr(args, "pack", False), vision=args.vision,
-        eval_data=args.eval_data, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
+        vision_init=args.vision_init, eval_data=args.eval_data, eval_fraction=args.eval_fraction, eval_every=args.eval_every,
         eval_batches=args.eval_batches, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         seed=args.seed, thinking=not getattr(args, "instant", False), progress=not args.no_progress,
         stop_after=args.stop_after,

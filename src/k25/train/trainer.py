@@ -45,7 +45,7 @@ from ..chat.tokenizer import KimiTokenizer
 from ..checkpoint import build_model, load_model, save_model
 from ..checkpoint.int4 import fake_quantize_int4
 from ..checkpoint.model_io import text_model
-from ..config import K25Config, preset
+from ..config import PRESETS, K25Config, preset
 from ..model.moe import Experts
 from .balance import ExpertLoad, sequence_aux_loss
 from .data import (
@@ -111,6 +111,7 @@ class TrainConfig:
     qat: str = "none"  # none | int4: fake INT4 (group 32, symmetric, straight-through) on the routed experts
     pack: bool = False  # SFT: several conversations per sequence instead of one padded each
     vision: str = "auto"  # auto: train the vision tower when the data has images | on | off
+    vision_init: str | None = None  # a text-only checkpoint gets a new vision tower of this preset's shape
     # with several processes: ddp (replicated, grads all-reduced) | fsdp (FSDP2 sharded) | ep (ddp, with the
     # routed experts split over the ranks and tokens sent to them by all-to-all)
     parallel: str = "ddp"
@@ -238,12 +239,20 @@ class Trainer:
 
     def _build_model(self) -> tuple[nn.Module, K25Config]:
         cfg = self.cfg
+        if cfg.vision_init is not None and not (
+                Path(cfg.model).is_dir() and K25Config.from_json_file(cfg.model).vision_config is None):
+            raise TrainError(f"vision_init adds a vision tower to a text-only checkpoint, but {cfg.model!r} "
+                             "is a preset or already has one")
         if Path(cfg.model).is_dir():
             if cfg.overrides:
                 raise TrainError("--override applies to presets; a checkpoint's architecture is fixed")
-            if self.vision and K25Config.from_json_file(cfg.model).vision_config is None:
+            ckpt_config = K25Config.from_json_file(cfg.model)
+            if self.vision and ckpt_config.vision_config is None and cfg.vision_init is None:
                 raise TrainError(f"{cfg.model} has no vision tower (a text-only checkpoint), but the data has images; "
-                                 "start from a preset with one (k25-mini, tiny) or a multimodal checkpoint")
+                                 "start from a preset with one (k25-mini, tiny) or a multimodal checkpoint, or add "
+                                 "a new tower with --vision-init PRESET")
+            if self.vision and ckpt_config.vision_config is None:
+                return self._graft_vision(ckpt_config)
             model = load_model(cfg.model, dtype=torch.float32, vision=self.vision)
             model = model if self.vision else text_model(model)
             config = model.k25_config if hasattr(model, "k25_config") else K25Config.from_json_file(cfg.model)
@@ -264,6 +273,31 @@ class Trainer:
         config.text_config.dtype = config.dtype = "float32"
         if model is None:
             model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=self.vision)
+        return model.train(), config
+
+    def _graft_vision(self, text_config: K25Config) -> tuple[nn.Module, K25Config]:
+        """A text-only checkpoint plus a freshly initialised vision tower and projector (``vision_init``).
+
+        The tower takes the ``vision_init`` preset's shape and its projector writes into the
+        checkpoint's text width; the language model keeps the checkpoint's weights. The result
+        is a K2.5-layout multimodal model (a late-fusion start, where K2.5 fused from the start).
+        """
+        cfg = self.cfg
+        if cfg.vision_init not in PRESETS:
+            raise TrainError(f"vision_init {cfg.vision_init!r}: expected a preset name ({', '.join(PRESETS)})")
+        vision = preset(cfg.vision_init).vision_config
+        if vision is None:
+            raise TrainError(f"vision_init {cfg.vision_init!r}: that preset has no vision tower")
+        vision.text_hidden_size = text_config.text_config.hidden_size
+        text = text_config.text_config
+        config = K25Config(text_config=text, vision_config=vision, bos_token_id=text.bos_token_id,
+                           eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+        if not text_config.text_only:
+            config.media_placeholder_token_id = text_config.media_placeholder_token_id
+        config.quantization_config = None
+        config.text_config.dtype = config.dtype = "float32"
+        model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=True)
+        text_model(model).load_state_dict(load_model(cfg.model, dtype=torch.float32, vision=False).state_dict())
         return model.train(), config
 
     def set_qat(self, on: bool) -> None:
