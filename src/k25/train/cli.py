@@ -91,7 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha, amp=args.amp, parallel=args.parallel,
         device=args.device, qat=args.qat, pack=getattr(args, "pack", False), vision=args.vision,
         vision_init=args.vision_init, eval_data=args.eval_data, eval_fraction=args.eval_fraction,
-        eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        eval_every=args.eval_every, eval_batches=args.eval_batches,
+        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         seed=args.seed, thinking=not getattr(args, "instant", False), progress=not args.no_progress,
         stop_after=args.stop_after,
     )
