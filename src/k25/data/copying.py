@@ -1,0 +1,51 @@
+"""The ``copy`` family: repeat a string of numbers, words and symbols exactly (Instant).
+
+Every tool family needs in-context copying: the numbers of a question go into the calculator's
+expression, a tool's result goes into the answer. A small model does not learn that from the
+tool families alone within a CPU budget: k25-mini run 1 wrote well-formed calls with invented
+digits after 3.3M tokens, and it failed a plain repeat-the-sequence probe (0% next-token accuracy
+on the second copy of 40 random tokens). A direct copying task gives the skill a strong signal
+of its own (a 2-layer K2.5-shaped model learns it in ~100 steps), the way synthetic
+"induction" warm-up data is used for small models.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .conversation import Chat, record
+from .families import Sample, World
+
+_PROMPTS = (
+    "Repeat exactly: {s}",
+    "Copy this text exactly: {s}",
+    "Write back exactly what follows: {s}",
+    "Say this again, word for word: {s}",
+)
+_WORDS = (
+    "river", "stone", "market", "blue", "seven", "north", "lamp", "garden", "quiet", "window", "bread",
+    "silver", "cloud", "harbour", "tower", "apple", "winter", "road", "paper", "green", "field", "bridge",
+    "calculator", "search", "python", "result", "answer", "total", "price", "metres", "minutes", "dollars",
+)
+_SYMBOLS = ("*", "+", "-", "=", "(", ")", "/", ",", ".", ":")
+
+
+def _item(rng: random.Random, world: World) -> str:
+    k = rng.random()
+    if k < 0.5:
+        return str(rng.randrange(10 ** rng.randint(1, 6)))
+    if k < 0.7:
+        return rng.choice(_WORDS)
+    if k < 0.85:
+        return rng.choice(world.corpus.towns).name
+    return rng.choice(_SYMBOLS)
+
+
+def sample_copy(rng: random.Random, world: World) -> Sample:
+    """6-24 items (numbers up to 6 digits, words, town names, symbols); the string is the split key."""
+    text = " ".join(_item(rng, world) for _ in range(rng.randint(6, 24)))
+    chat = Chat(None, thinking=False)
+    chat.user(rng.choice(_PROMPTS).format(s=text))
+    chat.answer("", text)
+    key = f"copy:{text}"
+    return Sample(key, {"copy": [record("copy", chat, text, "text", key)]})
