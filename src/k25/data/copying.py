@@ -30,22 +30,29 @@ _WORDS = (
 _SYMBOLS = ("*", "+", "-", "=", "(", ")", "/", ",", ".", ":")
 
 
-def _item(rng: random.Random, world: World) -> str:
+def _item(rng: random.Random, towns: list[str]) -> str:
     k = rng.random()
     if k < 0.5:
         return str(rng.randrange(10 ** rng.randint(1, 6)))
     if k < 0.7:
         return rng.choice(_WORDS)
     if k < 0.85:
-        return rng.choice(world.corpus.towns).name
+        return rng.choice(towns)
     return rng.choice(_SYMBOLS)
 
 
 def sample_copy(rng: random.Random, world: World) -> Sample:
-    """6-24 items (numbers up to 6 digits, words, town names, symbols); the string is the split key."""
-    text = " ".join(_item(rng, world) for _ in range(rng.randint(6, 24)))
+    """6-24 items (numbers up to 6 digits, words, town names, symbols).
+
+    Town names come from the split's own pool, so a held-out town's name never shows up in training.
+    """
+    split, towns = world.draw_towns(rng, 3)
+    names = [t.name for t in towns]
+    items = [_item(rng, names) for _ in range(rng.randint(6, 24))]
+    text = " ".join(items)
     chat = Chat(None, thinking=False)
     chat.user(rng.choice(_PROMPTS).format(s=text))
     chat.answer("", text)
     key = f"copy:{text}"
-    return Sample(key, {"copy": [record("copy", chat, text, "text", key)]})
+    rec = record("copy", chat, text, "text", key, towns=sorted(set(names) & set(items)))
+    return Sample(key, {"copy": [rec]}, split=split)
