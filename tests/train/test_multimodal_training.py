@@ -280,6 +280,8 @@ def test_vision_init_grafts_a_new_tower_onto_a_text_checkpoint(root, tmp_path):
         Trainer(TrainConfig(**base, vision_init="nope"))
     with pytest.raises(TrainError, match="is a preset or already has one"):
         Trainer(TrainConfig(**dict(base, model="tiny"), vision_init="tiny"))
+    with pytest.raises(TrainError, match="the data has no images"):
+        Trainer(TrainConfig(**dict(base, data=_files(root, "arith_think")), vision_init="tiny"))
     trainer = Trainer(TrainConfig(**base, vision_init="tiny"))
     model = trainer.model
     assert isinstance(model, K25ForConditionalGeneration)

@@ -94,7 +94,7 @@ class TrainConfig:
     steps: int = 100
     optimizer: str = "muonclip"  # muonclip | adamw
     # Newton–Schulz precision: bfloat16 (as the references) | float32 | auto: bfloat16 on a GPU, float32 on
-    # the CPU, where bf16 matmuls are ~2× slower than fp32 (BENCHMARKS.md, "Newton–Schulz on the CPU")
+    # the CPU, where bf16 matmuls are ~2× slower than fp32 (BENCHMARKS.md, "k25-mini, run 2")
     ns_dtype: str = "auto"
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -243,6 +243,9 @@ class Trainer:
                 Path(cfg.model).is_dir() and K25Config.from_json_file(cfg.model).vision_config is None):
             raise TrainError(f"vision_init adds a vision tower to a text-only checkpoint, but {cfg.model!r} "
                              "is a preset or already has one")
+        if cfg.vision_init is not None and not self.vision:
+            raise TrainError("vision_init adds a vision tower to train, but the data has no images (or vision is "
+                             "off); add image records or --vision on")
         if Path(cfg.model).is_dir():
             if cfg.overrides:
                 raise TrainError("--override applies to presets; a checkpoint's architecture is fixed")
@@ -275,7 +278,7 @@ class Trainer:
             model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=self.vision)
         return model.train(), config
 
-    def _graft_vision(self, text_config: K25Config) -> tuple[nn.Module, K25Config]:
+    def _graft_vision(self, ckpt: K25Config) -> tuple[nn.Module, K25Config]:
         """A text-only checkpoint plus a freshly initialised vision tower and projector (``vision_init``).
 
         The tower takes the ``vision_init`` preset's shape and its projector writes into the
@@ -288,12 +291,12 @@ class Trainer:
         vision = preset(cfg.vision_init).vision_config
         if vision is None:
             raise TrainError(f"vision_init {cfg.vision_init!r}: that preset has no vision tower")
-        vision.text_hidden_size = text_config.text_config.hidden_size
-        text = text_config.text_config
+        text = ckpt.text_config
+        vision.text_hidden_size = text.hidden_size
         config = K25Config(text_config=text, vision_config=vision, bos_token_id=text.bos_token_id,
                            eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
-        if not text_config.text_only:
-            config.media_placeholder_token_id = text_config.media_placeholder_token_id
+        if not ckpt.text_only:
+            config.media_placeholder_token_id = ckpt.media_placeholder_token_id
         config.quantization_config = None
         config.text_config.dtype = config.dtype = "float32"
         model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=True)
