@@ -239,26 +239,28 @@ class Trainer:
 
     def _build_model(self) -> tuple[nn.Module, K25Config]:
         cfg = self.cfg
-        if cfg.vision_init is not None and not (
-                Path(cfg.model).is_dir() and K25Config.from_json_file(cfg.model).vision_config is None):
-            raise TrainError(f"vision_init adds a vision tower to a text-only checkpoint, but {cfg.model!r} "
-                             "is a preset or already has one")
-        if cfg.vision_init is not None and not self.vision:
-            raise TrainError("vision_init adds a vision tower to train, but the data has no images (or vision is "
-                             "off); add image records or --vision on")
-        if Path(cfg.model).is_dir():
+        ckpt_config = K25Config.from_json_file(cfg.model) if Path(cfg.model).is_dir() else None
+        if cfg.vision_init is not None:
+            if ckpt_config is None or ckpt_config.vision_config is not None:
+                raise TrainError(f"vision_init adds a vision tower to a text-only checkpoint, but {cfg.model!r} "
+                                 "is a preset or already has one")
+            if not self.vision:
+                raise TrainError("vision_init adds a vision tower to train, but the data has no images (or vision "
+                                 "is off); add image records or --vision on")
+        model = None
+        if ckpt_config is not None:
             if cfg.overrides:
                 raise TrainError("--override applies to presets; a checkpoint's architecture is fixed")
-            ckpt_config = K25Config.from_json_file(cfg.model)
             if self.vision and ckpt_config.vision_config is None and cfg.vision_init is None:
                 raise TrainError(f"{cfg.model} has no vision tower (a text-only checkpoint), but the data has images; "
                                  "start from a preset with one (k25-mini, tiny) or a multimodal checkpoint, or add "
                                  "a new tower with --vision-init PRESET")
-            if self.vision and ckpt_config.vision_config is None:
-                return self._graft_vision(ckpt_config)
+        if cfg.vision_init is not None:
+            model, config = self._graft_vision(ckpt_config)
+        elif ckpt_config is not None:
             model = load_model(cfg.model, dtype=torch.float32, vision=self.vision)
             model = model if self.vision else text_model(model)
-            config = model.k25_config if hasattr(model, "k25_config") else K25Config.from_json_file(cfg.model)
+            config = model.k25_config if hasattr(model, "k25_config") else ckpt_config
         else:
             config = preset(cfg.model)
             if not self.vision:
@@ -269,7 +271,6 @@ class Trainer:
                 config.vision_config.text_hidden_size = cfg.overrides["hidden_size"]
             if cfg.overrides:
                 config = config.replace_text(**cfg.overrides)
-            model = None
         if not self.vision:
             config.vision_config = None  # the text model is trained; checkpoints carry no vision tower
         config.quantization_config = None
@@ -297,11 +298,9 @@ class Trainer:
                            eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
         if not ckpt.text_only:
             config.media_placeholder_token_id = ckpt.media_placeholder_token_id
-        config.quantization_config = None
-        config.text_config.dtype = config.dtype = "float32"
         model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=True)
         text_model(model).load_state_dict(load_model(cfg.model, dtype=torch.float32, vision=False).state_dict())
-        return model.train(), config
+        return model, config
 
     def set_qat(self, on: bool) -> None:
         """Quantization-aware training (K2-Thinking's recipe): routed experts see their INT4 round trip.
