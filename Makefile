@@ -85,21 +85,21 @@ k25-mini-train:
 	  --eval-batches 4 --save-every 50 --out $(M)/sftmix
 	# 5. the copy warm-up, in two runs (120 + 200 steps, Instant)
 	$(K25) train sft $(M)/warmup/copydata.jsonl --pack --instant --model $(M)/sftmix/checkpoints/step-00000400 \
-	  --seq-len 512 --batch-size 8 --steps 120 --lr 0.003 --warmup-steps 5 --schedule constant --eval-every 0 \
+	  --seq-len 512 --batch-size 8 --steps 120 --ns-dtype float32 --lr 0.003 --warmup-steps 5 --schedule constant --eval-every 0 \
 	  --save-every 40 --out $(M)/warmup/copyrun --no-progress
 	$(K25) train sft $(M)/warmup/copydata.jsonl --pack --instant --model $(M)/warmup/copyrun/checkpoints/step-00000120 \
-	  --seq-len 512 --batch-size 8 --steps 200 --lr 0.003 --warmup-steps 2 --schedule constant --eval-every 0 \
+	  --seq-len 512 --batch-size 8 --steps 200 --ns-dtype float32 --lr 0.003 --warmup-steps 2 --schedule constant --eval-every 0 \
 	  --save-every 25 --seed 1 --out $(M)/warmup/copyrun2 --no-progress
 	# 6. SFT on the rebalanced mixture + the copy family
 	$(K25) train sft $(sort $(wildcard $(M)/mix/*.jsonl)) $(M)/cdata/copy/train.jsonl \
 	  --eval-data $(M)/data/tool_calc/heldout.jsonl $(M)/data/tool_search/heldout.jsonl $(M)/cdata/copy/heldout.jsonl \
-	  --pack --model $(M)/warmup/copyrun2/checkpoints/step-00000200 $(MINI_COMMON) --batch-size 4 --steps 300 \
+	  --pack --model $(M)/warmup/copyrun2/checkpoints/step-00000200 $(MINI_COMMON) --batch-size 4 --steps 300 --ns-dtype float32 \
 	  --lr 0.003 --warmup-steps 10 --schedule wsd --decay-fraction 0.2 --eval-every 100 --eval-batches 4 \
 	  --save-every 50 --out $(M)/final
 	# 7. quantization-aware training (fake INT4 on the routed experts), then the INT4 export
 	$(K25) train sft $(sort $(wildcard $(M)/mix/*.jsonl)) $(M)/cdata/copy/train.jsonl \
 	  --eval-data $(M)/data/tool_calc/heldout.jsonl $(M)/data/tool_search/heldout.jsonl --pack --qat int4 \
-	  --model $(M)/final/checkpoints/step-00000300 $(MINI_COMMON) --batch-size 4 --steps 30 --lr 0.0005 \
+	  --model $(M)/final/checkpoints/step-00000300 $(MINI_COMMON) --batch-size 4 --steps 30 --ns-dtype float32 --lr 0.0005 \
 	  --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(M)/fqat
 	test -f $(M)/k25-mini/config.json || $(K25) quantize $(M)/fqat/checkpoints/step-00000030 $(M)/k25-mini \
 	  --dtype bfloat16

@@ -314,11 +314,3 @@ def test_bf16_autocast_step(tmp_path, corpus):
     assert math.isfinite(record["loss"]) and record["loss"] == pytest.approx(math.log(512), rel=0.1)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
-
-def test_newton_schulz_precision_auto_is_float32_on_the_cpu(tmp_path, corpus):
-    """On the CPU fp32 matmuls beat bf16 ones, so ``auto`` (the default) orthogonalises in fp32."""
-    assert TrainConfig(out="x", data=["y"]).ns_dtype == "auto"
-    assert Trainer(_cfg(tmp_path / "auto", corpus)).optimizer.ns_dtype == torch.float32
-    assert Trainer(_cfg(tmp_path / "bf16", corpus, ns_dtype="bfloat16")).optimizer.ns_dtype == torch.bfloat16
-    with pytest.raises(TrainError, match="ns_dtype 'half'"):
-        Trainer(_cfg(tmp_path / "bad", corpus, ns_dtype="half"))

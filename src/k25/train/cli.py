@@ -39,9 +39,8 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--optimizer", choices=["muonclip", "adamw"], default="muonclip")
-    p.add_argument("--ns-dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                   help="Newton–Schulz precision: bfloat16 as torch.optim.Muon; auto = bfloat16 on a GPU, "
-                   "float32 on the CPU (faster there)")
+    p.add_argument("--ns-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="Newton–Schulz precision (bfloat16 as torch.optim.Muon)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=10)

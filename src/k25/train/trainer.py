@@ -70,7 +70,7 @@ from .expert_parallel import (
 from .muon import MuonClip, attention_layers, build_optimizer
 from .schedule import lr_factor
 
-NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 PARALLEL = ("ddp", "fsdp", "ep")
 
 
@@ -93,9 +93,9 @@ class TrainConfig:
     grad_accum: int = 1
     steps: int = 100
     optimizer: str = "muonclip"  # muonclip | adamw
-    # Newton–Schulz precision: bfloat16 (as the references) | float32 | auto: bfloat16 on a GPU, float32 on
-    # the CPU, where bf16 matmuls are ~2× slower than fp32 (BENCHMARKS.md, "k25-mini, run 2")
-    ns_dtype: str = "auto"
+    # Newton–Schulz precision: bfloat16 (as the references; also ~2× faster than fp32 on an avx512_bf16 CPU,
+    # BENCHMARKS.md "k25-mini, run 2") | float32
+    ns_dtype: str = "bfloat16"
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 10
@@ -219,7 +219,7 @@ class Trainer:
             self._shard_experts()
         self.optimizer: MuonClip = build_optimizer(
             self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, qk_clip_tau=cfg.qk_clip_tau,
-            ns_dtype=NS_DTYPES[cfg.ns_dtype] or (torch.float32 if self.device.type == "cpu" else torch.bfloat16),
+            ns_dtype=NS_DTYPES[cfg.ns_dtype],
         )
         for group in self.optimizer.param_groups:
             group["initial_lr"] = group["lr"]
