@@ -193,3 +193,34 @@ def test_tool_choice_none_never_calls_even_when_the_model_would(served):
     finally:
         with torch.no_grad():
             model.lm_head.weight[section] = saved
+
+
+PICK = {"type": "function", "function": {"name": "pick", "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["n"],
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}}}
+
+
+def test_tool_calls_are_held_to_the_declared_names_and_schemas(served):
+    """A random model that opens tool-call sections (biased towards the section token) still calls a
+    declared tool with schema-valid arguments: the lazy tool-call grammar; `tool_choice: "required"` too."""
+    srv, model, tokenizer, backend = served
+    section = tokenizer.token_to_id("<|tool_calls_section_begin|>")
+    client = _client(srv)
+    kwargs = {"model": "tiny", "tools": [PICK], "max_tokens": 60, "temperature": 1.0, "extra_body": INSTANT,
+              "parallel_tool_calls": False}
+    for seed in range(3):  # forced section prefix, the grammar fills in the name and the arguments
+        r = client.chat.completions.create(**kwargs, messages=[{"role": "user", "content": "Pick one."}], seed=seed,
+                                           tool_choice="required")
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "pick" and 0 <= json.loads(call.function.arguments)["n"] <= 9
+        assert r.choices[0].finish_reason == "tool_calls"
+    with torch.no_grad():
+        saved = model.lm_head.weight[section].clone()
+        model.lm_head.weight[section] = model.model.norm.weight.sign() * 50
+    try:
+        r = client.chat.completions.create(**kwargs, messages=[{"role": "user", "content": "Pick."}], seed=7)
+        (call,) = r.choices[0].message.tool_calls  # the model opened the section itself (tool_choice auto)
+        assert call.function.name == "pick" and 0 <= json.loads(call.function.arguments)["n"] <= 9
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[section] = saved

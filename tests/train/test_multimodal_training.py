@@ -294,3 +294,36 @@ def test_vision_init_grafts_a_new_tower_onto_a_text_checkpoint(root, tmp_path):
     assert isinstance(saved, K25ForConditionalGeneration)
     moved = [n for n, p in saved.named_parameters() if n in tower and not torch.equal(p, tower[n])]
     assert moved, "the grafted tower did not train"
+
+
+def test_freeze_text_trains_the_tower_and_leaves_the_language_model_exactly(root, tmp_path):
+    """``--freeze text``: tower and projector move; LM weights and router biases (no bias update, no QK-Clip) do not."""
+    text_dir = tmp_path / "text"
+    config = tiny_config(**SMALL)
+    config.vision_config = None
+    write_random_checkpoint(text_dir, config, seed=6)
+    text = load_model(text_dir, dtype=torch.float32)
+    base = dict(out=str(tmp_path / "run"), data=_files(root, "vision_count", "vision_read"), task="sft",
+                model=str(text_dir), tokenizer="bytes", pack=True, seq_len=384, batch_size=2, steps=3, lr=1e-2,
+                warmup_steps=1, eval_every=0, progress=False, vision_init="tiny", qk_clip_tau=1e-3,
+                bias_update_rate=0.1)
+    with pytest.raises(TrainError, match="freeze 'all': expected 'none' or 'text'"):
+        Trainer(TrainConfig(**base, freeze="all"))
+    with pytest.raises(TrainError, match="freeze text trains only the vision tower"):
+        Trainer(TrainConfig(**dict(base, model="tiny", vision_init=None, data=_files(root, "arith_think")),
+                            freeze="text"))
+    trainer = Trainer(TrainConfig(**base, freeze="text"))
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("vision_tower.", "mm_projector.")) for n in trainable)
+    tower = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n in trainable}
+    trainer.run()
+    saved = load_model(tmp_path / "run" / "checkpoints" / "step-00000003", dtype=torch.float32)
+    for (name, p), q in zip(saved.language_model.state_dict().items(), text.state_dict().values(), strict=True):
+        assert torch.equal(p, q), f"{name} changed although the language model is frozen"
+    assert all(not torch.equal(p, tower[n]) for n, p in saved.named_parameters() if n in tower and p.ndim == 2)
+    # the same run unfrozen does move the language model (τ and the bias rate above would act on it)
+    trainer = Trainer(TrainConfig(**dict(base, out=str(tmp_path / "open"))))
+    trainer.run()
+    opened = load_model(tmp_path / "open" / "checkpoints" / "step-00000003", dtype=torch.float32)
+    assert any(not torch.equal(p, q) for p, q in
+               zip(opened.language_model.state_dict().values(), text.state_dict().values(), strict=True))

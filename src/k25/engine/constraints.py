@@ -1,5 +1,7 @@
 """Constrained decoding: a per-request mask of the tokens that keep the output valid.
 
+`ToolCallConstraint` leaves the output free until the model opens a tool-call section, then
+holds it to declared tool names and schema-valid arguments (a lazy grammar, as llama.cpp does).
 `JsonConstraint` compiles a JSON schema (or "any JSON object") with llguidance — a well-kept
 grammar engine built for this — against the Kimi tokenizer's tiktoken vocabulary. The engine
 asks it for the allowed tokens before sampling and feeds it the sampled token after; once the
@@ -42,6 +44,15 @@ def _ll_tokenizer(tokenizer: Any) -> Any:
     return _TOKENIZERS[key]
 
 
+def _bitmask(matcher: Any, vocab_size: int) -> torch.Tensor:
+    """An llguidance matcher's allowed next tokens as a bool mask of ``vocab_size`` (ids past its vocab: no)."""
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    mask = torch.from_numpy(bits[:vocab_size].astype(bool))
+    if mask.numel() < vocab_size:
+        mask = torch.cat([mask, torch.zeros(vocab_size - mask.numel(), dtype=torch.bool)])
+    return mask
+
+
 class BannedTokens:
     """Never produce these ids (e.g. the tool-call section tokens under `tool_choice: "none"`)."""
 
@@ -79,11 +90,7 @@ class JsonConstraint:
             raise ConstraintError(f"invalid JSON schema: {self.matcher.get_error()}")
 
     def allowed(self, vocab_size: int) -> torch.Tensor:
-        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        mask = torch.from_numpy(bits[:vocab_size].astype(bool))
-        if mask.numel() < vocab_size:
-            mask = torch.cat([mask, torch.zeros(vocab_size - mask.numel(), dtype=torch.bool)])
-        return mask
+        return _bitmask(self.matcher, vocab_size)
 
     def accept(self, token_id: int) -> None:
         self.matcher.consume_token(int(token_id))
@@ -91,3 +98,98 @@ class JsonConstraint:
     @property
     def error(self) -> str | None:
         return self.matcher.get_error() if self.matcher.is_error() else None
+
+
+# Kimi's tool-call section (spec: parsers): <|tool_calls_section_begin|> then, per call,
+# <|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{JSON}<|tool_call_end|>, then
+# <|tool_calls_section_end|>. The JSON is written with ", " and ": " as the chat template's tojson does.
+SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+TOOL_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _tool_name(tool: Any, i: int) -> tuple[str, dict[str, Any]]:
+    """(name, parameters schema) of an OpenAI tool entry; a ConstraintError names the bad entry."""
+    fn = tool.get("function") if isinstance(tool, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ConstraintError(f"tools[{i}].function.name: expected a non-empty string")
+    params = fn.get("parameters")
+    if params is None:
+        params = {"type": "object"}
+    if not isinstance(params, dict):
+        raise ConstraintError(f"tools[{i}].function.parameters: expected a JSON schema object")
+    return name, params
+
+
+def tool_call_grammar(tools: list[dict[str, Any]]) -> str:
+    """The Lark grammar (llguidance dialect) of a tool-call section's body for these tools.
+
+    Starts after ``<|tool_calls_section_begin|>``: one or more calls, each naming a declared tool
+    and giving arguments that match that tool's parameter schema, then the section end.
+    """
+    if not tools:
+        raise ConstraintError("tools: a tool-call grammar needs at least one tool")
+    alternatives, rules = [], []
+    for i, tool in enumerate(tools):
+        name, params = _tool_name(tool, i)
+        schema = {**params, "x-guidance": {**TOOL_JSON_STYLE, **params.get("x-guidance", {})}}
+        alternatives.append(f"call_{i}")
+        rules.append(f"call_{i}: {json.dumps(name + ':')} IDX <|tool_call_argument_begin|> args_{i}")
+        rules.append(f"args_{i}: %json {json.dumps(schema)}")
+    return "\n".join([
+        f"start: call+ {SECTION_END}",
+        f'call: <|tool_call_begin|> "functions." ({" | ".join(alternatives)}) <|tool_call_end|>',
+        *rules,
+        "IDX: /[0-9]+/",
+    ])
+
+
+class ToolCallConstraint:
+    """Free text until the model opens a tool-call section; inside it, only valid calls to ``tools``.
+
+    The lazy grammar llama.cpp applies to tool calls: the model decides whether to call a tool,
+    and once it writes ``<|tool_calls_section_begin|>`` every token must keep the section
+    parseable, with a declared tool name and arguments that fit its schema. After the section
+    ends the output is free again (the model then ends its turn).
+    """
+
+    def __init__(self, tokenizer: Any, tools: list[dict[str, Any]]) -> None:
+        from llguidance import LLMatcher
+
+        try:
+            self.grammar = LLMatcher.grammar_from_lark(tool_call_grammar(tools))
+        except (ValueError, TypeError) as e:
+            raise ConstraintError(f"tools: cannot build the tool-call grammar: {e}") from None
+        self.tokenizer = tokenizer
+        self.section_begin = tokenizer.token_to_id(SECTION_BEGIN)
+        if self.section_begin is None:
+            raise ConstraintError(f"the tokenizer has no {SECTION_BEGIN} token")
+        self.matcher: Any = None
+        error = LLMatcher.validate_grammar(self.grammar, _ll_tokenizer(tokenizer))
+        if error:
+            raise ConstraintError(f"tools: invalid tool-call grammar: {error}")
+        self.sections = 0  # tool-call sections opened so far
+
+    @property
+    def inside(self) -> bool:
+        """Whether the output is inside a tool-call section (the grammar applies)."""
+        return self.matcher is not None
+
+    def allowed(self, vocab_size: int) -> torch.Tensor:
+        if self.matcher is None:
+            return torch.ones(vocab_size, dtype=torch.bool)
+        return _bitmask(self.matcher, vocab_size)
+
+    def accept(self, token_id: int) -> None:
+        from llguidance import LLMatcher
+
+        if self.matcher is None:
+            if token_id == self.section_begin:
+                self.matcher = LLMatcher(_ll_tokenizer(self.tokenizer), self.grammar, log_level=0)
+                self.sections += 1
+            return
+        self.matcher.consume_token(int(token_id))
+        if self.matcher.is_error():
+            raise ConstraintError(f"token {token_id} broke the tool-call grammar: {self.matcher.get_error()}")
+        if self.matcher.is_stopped():  # the section is closed
+            self.matcher = None

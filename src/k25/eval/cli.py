@@ -40,7 +40,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     with err.status(f"loading {args.model_dir}"):
         generator = EngineGenerator(args.model_dir, max_tokens=args.max_tokens, experts=args.experts,
-                                    concurrency=args.concurrency, tokenizer=args.tokenizer, dtype=args.dtype)
+                                    concurrency=args.concurrency, tokenizer=args.tokenizer, dtype=args.dtype,
+                                    tool_grammar=args.tool_grammar)
         if any(has_images(r) for r in records):
             generator.vision_model()  # fails now, with a clear message, on a checkpoint without a vision tower
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -57,7 +58,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         report = evaluate(generator, args.data, families, args.limit, args.split,
                           Settings(max_steps=args.max_steps, concurrency=args.concurrency), on_result=advance, kit=kit)
-    report["info"].update(model=str(args.model_dir), max_tokens=args.max_tokens, experts=args.experts)
+    report["info"].update(model=str(args.model_dir), max_tokens=args.max_tokens, experts=args.experts,
+                          tool_grammar=args.tool_grammar)
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -101,6 +103,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--concurrency", type=int, default=16, help="conversations in flight (the engine's batch)")
     p.add_argument("--tokenizer", default=None, help="directory with tiktoken.model (default: MODEL_DIR)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: the checkpoint's)")
+    p.add_argument("--tool-grammar", action="store_true",
+                   help="hold tool calls to the declared tools and schemas, as `k25 serve` does by default "
+                   "(default here: off, so validity measures the model alone)")
     p.add_argument("--json", default=None, metavar="OUT.json", help="write the whole report, every record included")
     p.add_argument("--markdown", default=None, metavar="OUT.md", help="write the tables as Markdown (model card)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -72,15 +72,19 @@ class Batcher:
     def __init__(self, generator: Generator, linger: float = 0.01) -> None:
         self.generator = generator
         self.linger = linger
-        self.queue: list[tuple[str, list[str], asyncio.Future[Completion]]] = []
+        self.queue: list[tuple[str, list[str], list[dict[str, Any]] | None, asyncio.Future[Completion]]] = []
         self.batches = 0
         self.largest = 0
         self._task: asyncio.Task[None] | None = None
 
-    async def complete(self, prompt: str, images: Sequence[str] = ()) -> Completion:
-        """The completion of one prompt (showing ``images``), generated together with whatever else is pending."""
+    async def complete(self, prompt: str, images: Sequence[str] = (),
+                       tools: list[dict[str, Any]] | None = None) -> Completion:
+        """The completion of one prompt (showing ``images``, declaring ``tools``), batched with what else is pending.
+
+        The tools reach a generator that holds tool calls to them (``tool_grammar``); others see only the prompt.
+        """
         future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
-        self.queue.append((prompt, list(images), future))
+        self.queue.append((prompt, list(images), tools, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain())
         return await future
@@ -95,20 +99,21 @@ class Batcher:
             self.batches += 1
             self.largest = max(self.largest, len(batch))
             try:
-                prompts = [p for p, _, _ in batch]
-                if any(images for _, images, _ in batch):
-                    outs = await asyncio.to_thread(self.generator.generate, prompts,  # type: ignore[call-arg]
-                                                   images=[images for _, images, _ in batch])
-                else:
-                    outs = await asyncio.to_thread(self.generator.generate, prompts)
+                prompts = [p for p, _, _, _ in batch]
+                kwargs: dict[str, Any] = {}
+                if any(images for _, images, _, _ in batch):
+                    kwargs["images"] = [images for _, images, _, _ in batch]
+                if getattr(self.generator, "tool_grammar", False) and any(tools for _, _, tools, _ in batch):
+                    kwargs["tools"] = [tools for _, _, tools, _ in batch]
+                outs = await asyncio.to_thread(self.generator.generate, prompts, **kwargs)
                 if len(outs) != len(batch):
                     raise RuntimeError(f"the model returned {len(outs)} completions for {len(batch)} prompts")
             except Exception as e:  # every waiting conversation learns of it
-                for _, _, fut in batch:
+                for *_, fut in batch:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
-            for (_, _, fut), out in zip(batch, outs, strict=True):
+            for (*_, fut), out in zip(batch, outs, strict=True):
                 if not fut.done():
                     fut.set_result(out)
 
@@ -198,7 +203,7 @@ class EvalChatModel:
     ) -> ModelReply:
         """One assistant turn for ``messages`` with ``tools`` declared."""
         prompt = render(messages, tools, thinking=self.thinking, add_generation_prompt=True)
-        out = await self.batcher.complete(prompt, image_urls(messages))
+        out = await self.batcher.complete(prompt, image_urls(messages), tools)
         parsed = parse_output(out.text, thinking=self.thinking)
         self.tally.add(check_turn(parsed, tools), out)
         message = parsed.to_message()
@@ -228,6 +233,7 @@ class EngineGenerator:
         concurrency: int = 16,
         tokenizer: str | Path | None = None,
         dtype: str | None = None,
+        tool_grammar: bool = False,
     ) -> None:
         from ..chat.tokenizer import KimiTokenizer
         from ..config import K25Config
@@ -255,6 +261,7 @@ class EngineGenerator:
         self.tokenizer = self.llm.tokenizer
         self.max_tokens = max_tokens
         self.max_len = max_len
+        self.tool_grammar = tool_grammar  # hold tool calls to the declared tools, as `k25 serve` does by default
         self.think_end = self.tokenizer.token_to_id("</think>")
         self.stop_ids = self.llm.engine.eos_ids
 
@@ -289,9 +296,14 @@ class EngineGenerator:
         media = [{"media_embeds": e, "media_token_id": None if e is None else self.media_token_id} for e in embeds]
         return self.llm.engine.run(ids, params, request_kwargs=media)
 
-    def generate(self, prompts: Sequence[str], images: Sequence[Sequence[str]] | None = None) -> list[Completion]:
-        """Greedy completions of ``prompts`` (showing ``images``: per prompt, its image files), in one engine run."""
+    def generate(self, prompts: Sequence[str], images: Sequence[Sequence[str]] | None = None,
+                 tools: Sequence[list[dict[str, Any]] | None] | None = None) -> list[Completion]:
+        """Greedy completions of ``prompts`` (showing ``images``: per prompt, its image files), in one engine run.
+
+        ``tools`` (per prompt, its declared tools) hold the tool calls to them when ``tool_grammar`` is on.
+        """
         from ..engine import SamplingParams
+        from ..engine.constraints import ToolCallConstraint
 
         ids = [self.tokenizer.encode(p, allow_special_tokens=True) for p in prompts]
         embeds: list[Any] = [None] * len(ids)
@@ -299,11 +311,16 @@ class EngineGenerator:
             if srcs:
                 ids[i], embeds[i] = self._media(ids[i], srcs)
         fits = [i for i, x in enumerate(ids) if len(x) < self.max_len]
-        params = SamplingParams(temperature=0.0, max_tokens=self.max_tokens)
+        def params(i: int) -> SamplingParams:
+            grammar = tools[i] if self.tool_grammar and tools is not None and tools[i] else None
+            constraint = ToolCallConstraint(self.tokenizer, grammar) if grammar else None
+            return SamplingParams(temperature=0.0, max_tokens=self.max_tokens, constraint=constraint)
+
+        plist = [params(i) for i in fits]
         if any(e is not None for e in embeds):
-            outs = self._run([ids[i] for i in fits], [embeds[i] for i in fits], params) if fits else []
+            outs = self._run([ids[i] for i in fits], [embeds[i] for i in fits], plist) if fits else []
         else:
-            outs = self.llm.generate([ids[i] for i in fits], [params] * len(fits)) if fits else []
+            outs = self.llm.generate([ids[i] for i in fits], plist) if fits else []
         done: dict[int, Completion] = {}
         for i, out in zip(fits, outs, strict=True):
             gen = list(out.output_ids)

@@ -22,7 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ..chat.parsers import TokenStreamParser, make_tool_call_id, next_tool_call_index
 from ..chat.template import TemplateError, render
-from ..engine.constraints import BannedTokens, ConstraintError, JsonConstraint
+from ..engine.constraints import BannedTokens, ConstraintError, JsonConstraint, ToolCallConstraint
 from ..media import pack_media
 from .backend import Backend, QueueFullError, StepOutput
 from .media_input import collect_media, expand_placeholders, expand_videos
@@ -120,6 +120,13 @@ class ChatRun:
                 self.constraint = JsonConstraint(self.tok, plan.json_schema)
             except ConstraintError as e:
                 raise APIError(f"response_format.json_schema.schema: {e}", param="response_format") from None
+        # Tool calls held to the declared names and schemas once the model opens a section (lazy grammar).
+        self.tool_constraint = None
+        if app_state.tool_grammar and plan.tools and plan.tool_choice != "none" and self.constraint is None:
+            try:
+                self.tool_constraint = ToolCallConstraint(self.tok, plan.tools)
+            except ConstraintError as e:
+                raise APIError(str(e), param="tools") from None
 
     # -- generation ------------------------------------------------------------------------------
     def _forced_prefix(self) -> list[int]:
@@ -145,11 +152,14 @@ class ChatRun:
             sampling["constraint"] = BannedTokens([t for t in section if t is not None])
         if self.constraint is not None:
             sampling["constraint"] = self.constraint
+        elif self.tool_constraint is not None:
+            sampling["constraint"] = self.tool_constraint
         if (forced or self.constraint is not None) and self.plan.thinking:
             # Phase 1: let the model reason freely up to `</think>`; then impose the tool-call prefix
             # or the JSON grammar on the answer.
             phase1 = dict(sampling, stop_token_ids=[*(sampling.get("stop_token_ids") or []), self._think_end])
-            phase1.pop("constraint", None)
+            if self.constraint is not None:
+                phase1.pop("constraint")
             async for ids in self._run(self.prompt_ids, phase1, self.max_tokens, self.request_id + "-think"):
                 yield ids
             if self.finish_reason == "length":
@@ -160,6 +170,9 @@ class ChatRun:
             self.finish_reason = None
             if forced:
                 self._record(forced, None)
+                if self.tool_constraint is not None:
+                    for t in forced:  # the grammar follows the forced prefix as if sampled
+                        self.tool_constraint.accept(t)
                 yield forced
             budget = self.max_tokens - len(self.completion_ids)
             if budget <= 0:
@@ -255,8 +268,10 @@ class ChatRun:
 
 
 class ServerState:
-    def __init__(self, backend: Backend, strict: bool, model_name: str, media_dir: Path | None = None) -> None:
+    def __init__(self, backend: Backend, strict: bool, model_name: str, media_dir: Path | None = None,
+                 tool_grammar: bool = True) -> None:
         self.backend = backend
+        self.tool_grammar = tool_grammar
         self.strict = strict
         self.model_name = model_name
         self.metrics = Metrics(backend)
@@ -267,17 +282,18 @@ class ServerState:
 
 def create_app(
     backend: Backend, *, strict_kimi_api: bool = False, model_name: str | None = None, api_key: str | None = None,
-    allowed_local_media_path: str | Path | None = None,
+    allowed_local_media_path: str | Path | None = None, tool_grammar: bool = True,
 ) -> FastAPI:
     """The FastAPI app serving `backend`.
 
     `strict_kimi_api` reproduces the official platform's rules; `api_key`, when set, is required as
     `Authorization: Bearer KEY` on /v1 routes (401 otherwise; /health, /metrics and / stay open).
     Image/video parts are read from data: URLs, and from local files under
-    `allowed_local_media_path` when given.
+    `allowed_local_media_path` when given. With `tool_grammar` (the default), a tool call the
+    model starts is held to the request's tool names and argument schemas (``ToolCallConstraint``).
     """
     media_dir = Path(allowed_local_media_path).resolve() if allowed_local_media_path else None
-    state = ServerState(backend, strict_kimi_api, model_name or backend.model_name, media_dir)
+    state = ServerState(backend, strict_kimi_api, model_name or backend.model_name, media_dir, tool_grammar)
     app = FastAPI(title="k25", version="0.1.0")
     app.state.k25 = state
 

@@ -47,7 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"k25 serve: {e}") from None
     api_key = args.api_key or os.environ.get("K25_API_KEY")
     app = create_app(backend, strict_kimi_api=args.strict_kimi_api, api_key=api_key,
-                     allowed_local_media_path=args.allowed_local_media_path)
+                     allowed_local_media_path=args.allowed_local_media_path, tool_grammar=args.tool_grammar)
     print(how_to_talk(name, f"http://{args.host}:{args.port}", api_key), flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -78,5 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="serve text only even if the checkpoint has a vision tower")
     p.add_argument("--allowed-local-media-path", default=None,
                    help="let image_url/video_url name local files under this directory (default: data: URLs only)")
+    p.add_argument("--no-tool-grammar", dest="tool_grammar", action="store_false",
+                   help="let tool calls through unconstrained (default: once the model opens a tool call, it is "
+                   "held to the declared tool names and argument schemas)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)

@@ -59,6 +59,9 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
                    help="train the vision tower too (K2.5 layout checkpoints): auto = when the data has images")
     p.add_argument("--vision-init", metavar="PRESET", default=None,
                    help="--model is a text-only checkpoint: add a new vision tower and projector of PRESET's shape")
+    p.add_argument("--freeze", choices=["none", "text"], default="none",
+                   help="text: train only the vision tower and projector; the language model (weights, router "
+                   "biases) stays exactly as loaded, so text answers do not change")
     p.add_argument("--parallel", choices=["ddp", "fsdp", "ep"], default="ddp",
                    help="under torchrun: replicated data parallel, FSDP2-sharded parameters and optimizer state, "
                    "or data parallel with the routed experts split over the ranks (expert parallel, all-to-all)")
@@ -89,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         decay_fraction=args.decay_fraction, grad_clip=args.grad_clip, qk_clip_tau=args.qk_clip_tau,
         bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha, amp=args.amp, parallel=args.parallel,
         device=args.device, qat=args.qat, pack=getattr(args, "pack", False), vision=args.vision,
-        vision_init=args.vision_init, eval_data=args.eval_data, eval_fraction=args.eval_fraction,
+        vision_init=args.vision_init, freeze=args.freeze, eval_data=args.eval_data, eval_fraction=args.eval_fraction,
         eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         seed=args.seed, thinking=not getattr(args, "instant", False), progress=not args.no_progress,

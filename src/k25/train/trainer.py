@@ -112,6 +112,7 @@ class TrainConfig:
     pack: bool = False  # SFT: several conversations per sequence instead of one padded each
     vision: str = "auto"  # auto: train the vision tower when the data has images | on | off
     vision_init: str | None = None  # a text-only checkpoint gets a new vision tower of this preset's shape
+    freeze: str = "none"  # none | text: only the vision tower and projector train (the language model stays as is)
     # with several processes: ddp (replicated, grads all-reduced) | fsdp (FSDP2 sharded) | ep (ddp, with the
     # routed experts split over the ranks and tokens sent to them by all-to-all)
     parallel: str = "ddp"
@@ -185,6 +186,8 @@ class Trainer:
             raise TrainError(f"qat {cfg.qat!r}: expected 'none' or 'int4'")
         if cfg.vision not in ("auto", "on", "off"):
             raise TrainError(f"vision {cfg.vision!r}: expected 'auto', 'on' or 'off'")
+        if cfg.freeze not in ("none", "text"):
+            raise TrainError(f"freeze {cfg.freeze!r}: expected 'none' or 'text'")
         try:
             self.device = torch.device(cfg.device)
         except RuntimeError as e:
@@ -207,6 +210,8 @@ class Trainer:
                              "gradient collective); train multimodal models with --parallel ddp")
         self.model, self.config = self._build_model()
         self.model.to(self.device)
+        if cfg.freeze == "text":
+            self._freeze_text()
         if cfg.qat == "int4":
             self.set_qat(True)
         self.tokenizer = self._build_tokenizer()
@@ -217,8 +222,10 @@ class Trainer:
             self._shard_model()
         if self.ep:
             self._shard_experts()
+        # a frozen language model is not clipped either: QK-Clip would rescale its attention weights
         self.optimizer: MuonClip = build_optimizer(
-            self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, qk_clip_tau=cfg.qk_clip_tau,
+            self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            qk_clip_tau=None if cfg.freeze == "text" else cfg.qk_clip_tau,
             ns_dtype=NS_DTYPES[cfg.ns_dtype],
         )
         for group in self.optimizer.param_groups:
@@ -278,6 +285,19 @@ class Trainer:
         if model is None:
             model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=self.vision)
         return model.train(), config
+
+    def _freeze_text(self) -> None:
+        """Only the vision tower and projector train: the LLaVA-style alignment of a new tower.
+
+        The language model's weights, its router correction biases (no bias update) and its
+        attention scales (no QK-Clip) stay exactly as loaded, so text-only prompts give the same
+        logits before and after; gradients still flow through it to the projector.
+        """
+        if not self.vision:
+            raise TrainError("freeze text trains only the vision tower, but this run has none (no image data, "
+                             "or vision is off)")
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(name.startswith(("vision_tower.", "mm_projector.")))
 
     def _graft_vision(self, ckpt: K25Config) -> tuple[nn.Module, K25Config]:
         """A text-only checkpoint plus a freshly initialised vision tower and projector (``vision_init``).
@@ -453,7 +473,7 @@ class Trainer:
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"step {self.step}: gradient norm is {float(grad_norm)}")
         opt.step()
-        imbalance = self.load.update_bias(cfg.bias_update_rate)
+        imbalance = self.load.update_bias(0.0 if cfg.freeze == "text" else cfg.bias_update_rate)
         self.step += 1
         self.tokens_seen += int(n_tokens)
         clip = opt.last_clip
