@@ -104,6 +104,7 @@ class JsonConstraint:
 # <|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{JSON}<|tool_call_end|>, then
 # <|tool_calls_section_end|>. The JSON is written with ", " and ": " as the chat template's tojson does.
 SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+INNER_MARKERS = ("<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>", SECTION_END)
 TOOL_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -140,7 +141,7 @@ def tool_call_grammar(tools: list[dict[str, Any]]) -> str:
         f"start: call+ {SECTION_END}",
         f'call: <|tool_call_begin|> "functions." ({" | ".join(alternatives)}) <|tool_call_end|>',
         *rules,
-        "IDX: /[0-9]+/",
+        "IDX: /[0-9]{1,5}/",
     ])
 
 
@@ -150,7 +151,9 @@ class ToolCallConstraint:
     The lazy grammar llama.cpp applies to tool calls: the model decides whether to call a tool,
     and once it writes ``<|tool_calls_section_begin|>`` every token must keep the section
     parseable, with a declared tool name and arguments that fit its schema. After the section
-    ends the output is free again (the model then ends its turn).
+    ends the output is free again (the model then ends its turn). Outside a section the markers
+    that only belong inside one (``<|tool_call_begin|>`` … ``<|tool_calls_section_end|>``) are
+    masked, so no stray marker reaches the parser.
     """
 
     def __init__(self, tokenizer: Any, tools: list[dict[str, Any]]) -> None:
@@ -165,6 +168,8 @@ class ToolCallConstraint:
         if self.section_begin is None:
             raise ConstraintError(f"the tokenizer has no {SECTION_BEGIN} token")
         self.matcher: Any = None
+        # outside a section the markers that only belong inside one are never valid
+        self.inner = [i for i in map(tokenizer.token_to_id, INNER_MARKERS) if i is not None]
         error = LLMatcher.validate_grammar(self.grammar, _ll_tokenizer(tokenizer))
         if error:
             raise ConstraintError(f"tools: invalid tool-call grammar: {error}")
@@ -177,7 +182,9 @@ class ToolCallConstraint:
 
     def allowed(self, vocab_size: int) -> torch.Tensor:
         if self.matcher is None:
-            return torch.ones(vocab_size, dtype=torch.bool)
+            mask = torch.ones(vocab_size, dtype=torch.bool)
+            mask[[i for i in self.inner if i < vocab_size]] = False
+            return mask
         return _bitmask(self.matcher, vocab_size)
 
     def accept(self, token_id: int) -> None:
