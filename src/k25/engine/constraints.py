@@ -174,6 +174,8 @@ class ToolCallConstraint:
         if error:
             raise ConstraintError(f"tools: invalid tool-call grammar: {error}")
         self.sections = 0  # tool-call sections opened so far
+        self._matcher_class = LLMatcher
+        self._free: torch.Tensor | None = None  # the mask outside a section (the same every step)
 
     @property
     def inside(self) -> bool:
@@ -182,17 +184,16 @@ class ToolCallConstraint:
 
     def allowed(self, vocab_size: int) -> torch.Tensor:
         if self.matcher is None:
-            mask = torch.ones(vocab_size, dtype=torch.bool)
-            mask[[i for i in self.inner if i < vocab_size]] = False
-            return mask
+            if self._free is None or self._free.numel() != vocab_size:
+                self._free = torch.ones(vocab_size, dtype=torch.bool)
+                self._free[[i for i in self.inner if i < vocab_size]] = False
+            return self._free
         return _bitmask(self.matcher, vocab_size)
 
     def accept(self, token_id: int) -> None:
-        from llguidance import LLMatcher
-
         if self.matcher is None:
             if token_id == self.section_begin:
-                self.matcher = LLMatcher(_ll_tokenizer(self.tokenizer), self.grammar, log_level=0)
+                self.matcher = self._matcher_class(_ll_tokenizer(self.tokenizer), self.grammar, log_level=0)
                 self.sections += 1
             return
         self.matcher.consume_token(int(token_id))
