@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..chat.parsers import ARG_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END
+
 
 class TokenConstraint(Protocol):
     """What the engine needs from a constraint (one object per request; it keeps state)."""
@@ -103,8 +105,7 @@ class JsonConstraint:
 # Kimi's tool-call section (spec: parsers): <|tool_calls_section_begin|> then, per call,
 # <|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{JSON}<|tool_call_end|>, then
 # <|tool_calls_section_end|>. The JSON is written with ", " and ": " as the chat template's tojson does.
-SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
-INNER_MARKERS = ("<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>", SECTION_END)
+INNER_MARKERS = (CALL_BEGIN, ARG_BEGIN, CALL_END, SECTION_END)
 TOOL_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -135,11 +136,11 @@ def tool_call_grammar(tools: list[dict[str, Any]]) -> str:
         name, params = _tool_name(tool, i)
         schema = {**params, "x-guidance": {**TOOL_JSON_STYLE, **params.get("x-guidance", {})}}
         alternatives.append(f"call_{i}")
-        rules.append(f"call_{i}: {json.dumps(name + ':')} IDX <|tool_call_argument_begin|> args_{i}")
+        rules.append(f"call_{i}: {json.dumps(name + ':')} IDX {ARG_BEGIN} args_{i}")
         rules.append(f"args_{i}: %json {json.dumps(schema)}")
     return "\n".join([
         f"start: call+ {SECTION_END}",
-        f'call: <|tool_call_begin|> "functions." ({" | ".join(alternatives)}) <|tool_call_end|>',
+        f'call: {CALL_BEGIN} "functions." ({" | ".join(alternatives)}) {CALL_END}',
         *rules,
         "IDX: /[0-9]{1,5}/",
     ])
