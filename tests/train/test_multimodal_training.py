@@ -276,8 +276,10 @@ def test_vision_init_grafts_a_new_tower_onto_a_text_checkpoint(root, tmp_path):
                 seq_len=384, batch_size=2, steps=1, lr=1e-2, warmup_steps=1, eval_every=0, progress=False)
     with pytest.raises(TrainError, match="no vision tower .* --vision-init PRESET"):
         Trainer(TrainConfig(**base))
-    with pytest.raises(TrainError, match="vision_init 'nope': expected a preset name"):
+    with pytest.raises(TrainError, match="vision_init 'nope': expected a preset name .* or a checkpoint directory"):
         Trainer(TrainConfig(**base, vision_init="nope"))
+    with pytest.raises(TrainError, match="that checkpoint has no vision tower"):
+        Trainer(TrainConfig(**base, vision_init=str(text_dir)))
     with pytest.raises(TrainError, match="is a preset or already has one"):
         Trainer(TrainConfig(**dict(base, model="tiny"), vision_init="tiny"))
     with pytest.raises(TrainError, match="the data has no images"):
@@ -307,9 +309,9 @@ def test_freeze_text_trains_the_tower_and_leaves_the_language_model_exactly(root
                 model=str(text_dir), tokenizer="bytes", pack=True, seq_len=384, batch_size=2, steps=3, lr=1e-2,
                 warmup_steps=1, eval_every=0, progress=False, vision_init="tiny", qk_clip_tau=1e-3,
                 bias_update_rate=0.1)
-    with pytest.raises(TrainError, match="freeze 'all': expected 'none' or 'text'"):
+    with pytest.raises(TrainError, match="freeze 'all': expected one of 'none', 'text', 'text\\+vision'"):
         Trainer(TrainConfig(**base, freeze="all"))
-    with pytest.raises(TrainError, match="freeze text trains only the vision tower"):
+    with pytest.raises(TrainError, match="freeze text trains only the vision side"):
         Trainer(TrainConfig(**dict(base, model="tiny", vision_init=None, data=_files(root, "arith_think")),
                             freeze="text"))
     trainer = Trainer(TrainConfig(**base, freeze="text"))
@@ -327,3 +329,38 @@ def test_freeze_text_trains_the_tower_and_leaves_the_language_model_exactly(root
     opened = load_model(tmp_path / "open" / "checkpoints" / "step-00000003", dtype=torch.float32)
     assert any(not torch.equal(p, q) for p, q in
                zip(opened.language_model.state_dict().values(), text.state_dict().values(), strict=True))
+
+
+def test_a_tower_trained_beside_a_smaller_model_joins_a_text_checkpoint(root, tmp_path):
+    """K2.5's stages: ViT beside a small decoder, ``--vision-init CKPT``, then the projector alone (``text+vision``)."""
+    text_dir, donor_dir = tmp_path / "text", tmp_path / "vit"
+    config = tiny_config(**SMALL)
+    config.vision_config = None
+    write_random_checkpoint(text_dir, config, seed=7)
+    donor_config = tiny_config(num_hidden_layers=1, n_routed_experts=4)  # the same width, a smaller decoder
+    write_random_checkpoint(donor_dir, donor_config, seed=8)
+    donor, text = load_model(donor_dir, dtype=torch.float32), load_model(text_dir, dtype=torch.float32)
+    base = dict(out=str(tmp_path / "run"), data=_files(root, "vision_count"), task="sft", model=str(text_dir),
+                tokenizer="bytes", pack=True, seq_len=384, batch_size=2, steps=2, lr=1e-2, warmup_steps=1,
+                eval_every=0, progress=False, vision_init=str(donor_dir))
+    narrow = tmp_path / "narrow"
+    narrow_config = tiny_config(num_hidden_layers=1, n_routed_experts=4)
+    narrow_config.text_config.hidden_size = narrow_config.vision_config.text_hidden_size = 32
+    write_random_checkpoint(narrow, narrow_config, seed=9)
+    with pytest.raises(TrainError, match=r"writes 32-wide embeddings \(mm_projector.proj.2.weight .* hidden_size 64"):
+        Trainer(TrainConfig(**dict(base, vision_init=str(narrow))))
+    trainer = Trainer(TrainConfig(**base, freeze="text+vision"))
+    for part in ("vision_tower", "mm_projector"):
+        for (name, p), q in zip(getattr(trainer.model, part).state_dict().items(),
+                                getattr(donor, part).state_dict().values(), strict=True):
+            assert torch.equal(p, q), f"{part}.{name} is not the donor's"
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("mm_projector.") for n in trainable)
+    trainer.run()
+    saved = load_model(tmp_path / "run" / "checkpoints" / "step-00000002", dtype=torch.float32)
+    for (name, p), q in zip(saved.language_model.state_dict().items(), text.state_dict().values(), strict=True):
+        assert torch.equal(p, q), f"{name} changed although the language model is frozen"
+    for (name, p), q in zip(saved.vision_tower.state_dict().items(), donor.vision_tower.state_dict().values(),
+                            strict=True):
+        assert torch.equal(p, q), f"vision_tower.{name} changed although the tower is frozen"
+    assert not torch.equal(saved.mm_projector.proj[0].weight, donor.mm_projector.proj[0].weight)

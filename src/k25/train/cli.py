@@ -57,11 +57,12 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
                    help="quantization-aware training: fake INT4 (group 32, symmetric, STE) on the routed experts")
     p.add_argument("--vision", choices=["auto", "on", "off"], default="auto",
                    help="train the vision tower too (K2.5 layout checkpoints): auto = when the data has images")
-    p.add_argument("--vision-init", metavar="PRESET", default=None,
-                   help="--model is a text-only checkpoint: add a new vision tower and projector of PRESET's shape")
-    p.add_argument("--freeze", choices=["none", "text"], default="none",
-                   help="text: train only the vision tower and projector; the language model (weights, router "
-                   "biases) stays exactly as loaded, so text answers do not change")
+    p.add_argument("--vision-init", metavar="PRESET|CHECKPOINT", default=None,
+                   help="--model is a text-only checkpoint: add a new vision tower and projector of PRESET's shape, "
+                   "or the trained ones of a multimodal CHECKPOINT (a tower trained beside a smaller model)")
+    p.add_argument("--freeze", choices=["none", "text", "text+vision"], default="none",
+                   help="text: train only the vision tower and projector; text+vision: only the projector. The "
+                   "language model (weights, router biases) stays exactly as loaded, so text answers do not change")
     p.add_argument("--parallel", choices=["ddp", "fsdp", "ep"], default="ddp",
                    help="under torchrun: replicated data parallel, FSDP2-sharded parameters and optimizer state, "
                    "or data parallel with the routed experts split over the ranks (expert parallel, all-to-all)")

@@ -72,6 +72,8 @@ from .schedule import lr_factor
 
 NS_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 PARALLEL = ("ddp", "fsdp", "ep")
+# what --freeze leaves trainable: the prefixes of the parameters that still get gradients
+FREEZE = {"none": None, "text": ("vision_tower.", "mm_projector."), "text+vision": ("mm_projector.",)}
 
 
 class TrainError(ValueError):
@@ -111,8 +113,12 @@ class TrainConfig:
     qat: str = "none"  # none | int4: fake INT4 (group 32, symmetric, straight-through) on the routed experts
     pack: bool = False  # SFT: several conversations per sequence instead of one padded each
     vision: str = "auto"  # auto: train the vision tower when the data has images | on | off
-    vision_init: str | None = None  # a text-only checkpoint gets a new vision tower of this preset's shape
-    freeze: str = "none"  # none | text: only the vision tower and projector train (the language model stays as is)
+    # a text-only checkpoint gets a vision tower: a new one of this preset's shape, or the trained tower and
+    # projector of this multimodal checkpoint (K2.5's ViT-training stage, then the projector-only stage)
+    vision_init: str | None = None
+    # none | text: only the vision tower and projector train (the language model stays as is) |
+    # text+vision: only the projector trains (K2.5's projector-only stage)
+    freeze: str = "none"
     # with several processes: ddp (replicated, grads all-reduced) | fsdp (FSDP2 sharded) | ep (ddp, with the
     # routed experts split over the ranks and tokens sent to them by all-to-all)
     parallel: str = "ddp"
@@ -186,8 +192,8 @@ class Trainer:
             raise TrainError(f"qat {cfg.qat!r}: expected 'none' or 'int4'")
         if cfg.vision not in ("auto", "on", "off"):
             raise TrainError(f"vision {cfg.vision!r}: expected 'auto', 'on' or 'off'")
-        if cfg.freeze not in ("none", "text"):
-            raise TrainError(f"freeze {cfg.freeze!r}: expected 'none' or 'text'")
+        if cfg.freeze not in FREEZE:
+            raise TrainError(f"freeze {cfg.freeze!r}: expected one of {', '.join(map(repr, FREEZE))}")
         try:
             self.device = torch.device(cfg.device)
         except RuntimeError as e:
@@ -210,8 +216,8 @@ class Trainer:
                              "gradient collective); train multimodal models with --parallel ddp")
         self.model, self.config = self._build_model()
         self.model.to(self.device)
-        if cfg.freeze == "text":
-            self._freeze_text()
+        if cfg.freeze != "none":
+            self._freeze()
         if cfg.qat == "int4":
             self.set_qat(True)
         self.tokenizer = self._build_tokenizer()
@@ -225,7 +231,7 @@ class Trainer:
         # a frozen language model is not clipped either: QK-Clip would rescale its attention weights
         self.optimizer: MuonClip = build_optimizer(
             self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-            qk_clip_tau=None if cfg.freeze == "text" else cfg.qk_clip_tau,
+            qk_clip_tau=None if cfg.freeze != "none" else cfg.qk_clip_tau,
             ns_dtype=NS_DTYPES[cfg.ns_dtype],
         )
         for group in self.optimizer.param_groups:
@@ -286,32 +292,52 @@ class Trainer:
             model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=self.vision)
         return model.train(), config
 
-    def _freeze_text(self) -> None:
-        """Only the vision tower and projector train: the LLaVA-style alignment of a new tower.
+    def _freeze(self) -> None:
+        """Train only part of a multimodal model: the tower and projector (``text``), or the projector.
 
+        ``text`` is the LLaVA-style alignment of a new tower; ``text+vision`` is K2.5's short
+        projector-only stage that joins a tower trained beside another language model to this one.
         The language model's weights, its router correction biases (no bias update) and its
         attention scales (no QK-Clip) stay exactly as loaded, so text-only prompts give the same
         logits before and after; gradients still flow through it to the projector.
         """
         if not self.vision:
-            raise TrainError("freeze text trains only the vision tower, but this run has none (no image data, "
-                             "or vision is off)")
+            raise TrainError(f"freeze {self.cfg.freeze} trains only the vision side, but this run has none (no image "
+                             "data, or vision is off)")
+        trainable = FREEZE[self.cfg.freeze]
         for name, p in self.model.named_parameters():
-            p.requires_grad_(name.startswith(("vision_tower.", "mm_projector.")))
+            p.requires_grad_(name.startswith(trainable))
 
     def _graft_vision(self, ckpt: K25Config) -> tuple[nn.Module, K25Config]:
-        """A text-only checkpoint plus a freshly initialised vision tower and projector (``vision_init``).
+        """A text-only checkpoint plus a vision tower and projector (``vision_init``).
 
-        The tower takes the ``vision_init`` preset's shape and its projector writes into the
-        checkpoint's text width; the language model keeps the checkpoint's weights. The result
-        is a K2.5-layout multimodal model (a late-fusion start, where K2.5 fused from the start).
+        A preset name gives a freshly initialised tower of that preset's shape whose projector
+        writes into the checkpoint's text width (a late-fusion start, where K2.5 fused from the
+        start). A multimodal checkpoint gives its trained tower and projector, as K2.5 joined a
+        ViT trained beside a smaller language model to K2 (then trained the projector alone).
+        The language model keeps the checkpoint's weights either way.
         """
         cfg = self.cfg
-        if cfg.vision_init not in PRESETS:
-            raise TrainError(f"vision_init {cfg.vision_init!r}: expected a preset name ({', '.join(PRESETS)})")
-        vision = preset(cfg.vision_init).vision_config
-        if vision is None:
-            raise TrainError(f"vision_init {cfg.vision_init!r}: that preset has no vision tower")
+        source = cfg.vision_init
+        donor = None
+        if Path(source).is_dir():
+            donor_config = K25Config.from_json_file(source)
+            if donor_config.vision_config is None:
+                raise TrainError(f"vision_init {source!r}: that checkpoint has no vision tower")
+            vision = donor_config.vision_config
+            if vision.text_hidden_size != ckpt.text_config.hidden_size:
+                raise TrainError(
+                    f"vision_init {source!r}: its projector writes {vision.text_hidden_size}-wide embeddings "
+                    f"(mm_projector.proj.2.weight [{vision.text_hidden_size}, ...]) but {cfg.model!r} has "
+                    f"hidden_size {ckpt.text_config.hidden_size}")
+            donor = load_model(source, dtype=torch.float32, vision=True)
+        elif source in PRESETS:
+            vision = preset(source).vision_config
+            if vision is None:
+                raise TrainError(f"vision_init {source!r}: that preset has no vision tower")
+        else:
+            raise TrainError(f"vision_init {source!r}: expected a preset name ({', '.join(PRESETS)}) or a "
+                             "checkpoint directory with a vision tower")
         text = ckpt.text_config
         vision.text_hidden_size = text.hidden_size
         config = K25Config(text_config=text, vision_config=vision, bos_token_id=text.bos_token_id,
@@ -320,6 +346,9 @@ class Trainer:
             config.media_placeholder_token_id = ckpt.media_placeholder_token_id
         model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=True)
         text_model(model).load_state_dict(load_model(cfg.model, dtype=torch.float32, vision=False).state_dict())
+        if donor is not None:
+            model.vision_tower.load_state_dict(donor.vision_tower.state_dict())
+            model.mm_projector.load_state_dict(donor.mm_projector.state_dict())
         return model, config
 
     def set_qat(self, on: bool) -> None:
@@ -473,7 +502,7 @@ class Trainer:
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"step {self.step}: gradient norm is {float(grad_norm)}")
         opt.step()
-        imbalance = self.load.update_bias(0.0 if cfg.freeze == "text" else cfg.bias_update_rate)
+        imbalance = self.load.update_bias(0.0 if cfg.freeze != "none" else cfg.bias_update_rate)
         self.step += 1
         self.tokens_seen += int(n_tokens)
         clip = opt.last_clip
