@@ -280,7 +280,7 @@ def test_vision_init_grafts_a_new_tower_onto_a_text_checkpoint(root, tmp_path):
         Trainer(TrainConfig(**base, vision_init="nope"))
     with pytest.raises(TrainError, match="that checkpoint has no vision tower"):
         Trainer(TrainConfig(**base, vision_init=str(text_dir)))
-    with pytest.raises(TrainError, match="is a preset or already has one"):
+    with pytest.raises(TrainError, match="'tiny' is a preset"):
         Trainer(TrainConfig(**dict(base, model="tiny"), vision_init="tiny"))
     with pytest.raises(TrainError, match="the data has no images"):
         Trainer(TrainConfig(**dict(base, data=_files(root, "arith_think")), vision_init="tiny"))
@@ -357,6 +357,15 @@ def test_a_tower_trained_beside_a_smaller_model_joins_a_text_checkpoint(root, tm
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("mm_projector.") for n in trainable)
     trainer.run()
+    # a multimodal checkpoint's own tower: replaced by a trained one, never by a new one
+    multi_dir = tmp_path / "multi"
+    write_random_checkpoint(multi_dir, tiny_config(**SMALL), seed=10)
+    with pytest.raises(TrainError, match="would replace .* trained tower with a new one"):
+        Trainer(TrainConfig(**dict(base, model=str(multi_dir), vision_init="tiny", out=str(tmp_path / "m1"))))
+    swapped = Trainer(TrainConfig(**dict(base, model=str(multi_dir), out=str(tmp_path / "m2")))).model
+    assert torch.equal(swapped.vision_tower.patch_embed.proj.weight, donor.vision_tower.patch_embed.proj.weight)
+    multi = load_model(multi_dir, dtype=torch.float32)
+    assert torch.equal(swapped.language_model.lm_head.weight, multi.language_model.lm_head.weight)
     saved = load_model(tmp_path / "run" / "checkpoints" / "step-00000002", dtype=torch.float32)
     for (name, p), q in zip(saved.language_model.state_dict().items(), text.state_dict().values(), strict=True):
         assert torch.equal(p, q), f"{name} changed although the language model is frozen"

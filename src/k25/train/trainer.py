@@ -113,8 +113,9 @@ class TrainConfig:
     qat: str = "none"  # none | int4: fake INT4 (group 32, symmetric, straight-through) on the routed experts
     pack: bool = False  # SFT: several conversations per sequence instead of one padded each
     vision: str = "auto"  # auto: train the vision tower when the data has images | on | off
-    # a text-only checkpoint gets a vision tower: a new one of this preset's shape, or the trained tower and
-    # projector of this multimodal checkpoint (K2.5's ViT-training stage, then the projector-only stage)
+    # the checkpoint gets a vision tower: a new one of this preset's shape (text-only checkpoints), or the
+    # trained tower and projector of this multimodal checkpoint (K2.5's ViT-training stage, then the
+    # projector-only stage), which replace any it has
     vision_init: str | None = None
     # none | text: only the vision tower and projector train (the language model stays as is) |
     # text+vision: only the projector trains (K2.5's projector-only stage)
@@ -254,9 +255,11 @@ class Trainer:
         cfg = self.cfg
         ckpt_config = K25Config.from_json_file(cfg.model) if Path(cfg.model).is_dir() else None
         if cfg.vision_init is not None:
-            if ckpt_config is None or ckpt_config.vision_config is not None:
-                raise TrainError(f"vision_init adds a vision tower to a text-only checkpoint, but {cfg.model!r} "
-                                 "is a preset or already has one")
+            if ckpt_config is None:
+                raise TrainError(f"vision_init adds a vision tower to a checkpoint, but {cfg.model!r} is a preset")
+            if ckpt_config.vision_config is not None and not Path(cfg.vision_init).is_dir():
+                raise TrainError(f"vision_init {cfg.vision_init!r} would replace {cfg.model!r}'s trained tower with "
+                                 "a new one; give a checkpoint whose tower should replace it, or no vision_init")
             if not self.vision:
                 raise TrainError("vision_init adds a vision tower to train, but the data has no images (or vision "
                                  "is off); add image records or --vision on")
@@ -309,13 +312,14 @@ class Trainer:
             p.requires_grad_(name.startswith(trainable))
 
     def _graft_vision(self, ckpt: K25Config) -> tuple[nn.Module, K25Config]:
-        """A text-only checkpoint plus a vision tower and projector (``vision_init``).
+        """A checkpoint's language model plus a vision tower and projector (``vision_init``).
 
         A preset name gives a freshly initialised tower of that preset's shape whose projector
         writes into the checkpoint's text width (a late-fusion start, where K2.5 fused from the
         start). A multimodal checkpoint gives its trained tower and projector, as K2.5 joined a
-        ViT trained beside a smaller language model to K2 (then trained the projector alone).
-        The language model keeps the checkpoint's weights either way.
+        ViT trained beside a smaller language model to K2 (then trained the projector alone);
+        they replace the checkpoint's own tower and projector if it has them. The language model
+        keeps the checkpoint's weights either way.
         """
         cfg = self.cfg
         source = cfg.vision_init
