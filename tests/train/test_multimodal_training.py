@@ -373,3 +373,25 @@ def test_a_tower_trained_beside_a_smaller_model_joins_a_text_checkpoint(root, tm
                             strict=True):
         assert torch.equal(p, q), f"vision_tower.{name} changed although the tower is frozen"
     assert not torch.equal(saved.mm_projector.proj[0].weight, donor.mm_projector.proj[0].weight)
+
+
+def test_vision_lr_gives_the_tower_and_projector_their_own_rate(root, tmp_path):
+    """``--vision-lr``: tower and projector params sit in groups at that rate, the schedule scales both alike."""
+    base = dict(out=str(tmp_path / "run"), data=_files(root, "vision_count", "arith_think"), task="sft", model="tiny",
+                overrides=SMALL, tokenizer="bytes", pack=True, seq_len=384, batch_size=2, steps=2, lr=1e-2,
+                warmup_steps=2, eval_every=0, progress=False)
+    with pytest.raises(TrainError, match="vision_lr 0.001: this run trains no vision tower"):
+        Trainer(TrainConfig(**dict(base, data=_files(root, "arith_think")), vision_lr=1e-3))
+    with pytest.raises(TrainError, match="vision_lr -1.0: must be >= 0"):
+        Trainer(TrainConfig(**base, vision_lr=-1.0))
+    trainer = Trainer(TrainConfig(**base, vision_lr=1e-3))
+    groups = trainer.optimizer.param_groups
+    assert {g["use_muon"] for g in groups} == {True, False} and len(groups) == 6  # (LM, tower, projector) × 2
+    for g in groups:
+        vision = {n.startswith(("vision_tower.", "mm_projector.")) for n in g["names"]}
+        assert len(vision) == 1, "a group mixes tower and language-model parameters"
+        assert g["initial_lr"] == (1e-3 if vision.pop() else 1e-2)
+    named = {n for g in groups for n in g["names"]}
+    assert named == {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.run()
+    assert len({round(g["lr"] / g["initial_lr"], 6) for g in groups}) == 1, "the schedule scaled the rates apart"

@@ -63,6 +63,9 @@ def _add_run_args(p: argparse.ArgumentParser, task: str) -> None:
     p.add_argument("--freeze", choices=["none", "text", "text+vision"], default="none",
                    help="text: train only the vision tower and projector; text+vision: only the projector. The "
                    "language model (weights, router biases) stays exactly as loaded, so text answers do not change")
+    p.add_argument("--vision-lr", type=float, default=None,
+                   help="peak learning rate of the vision tower and projector (default: --lr); a new tower "
+                   "learns at lower rates than a language model tolerates")
     p.add_argument("--parallel", choices=["ddp", "fsdp", "ep"], default="ddp",
                    help="under torchrun: replicated data parallel, FSDP2-sharded parameters and optimizer state, "
                    "or data parallel with the routed experts split over the ranks (expert parallel, all-to-all)")
@@ -93,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         decay_fraction=args.decay_fraction, grad_clip=args.grad_clip, qk_clip_tau=args.qk_clip_tau,
         bias_update_rate=args.bias_update_rate, seq_aux_alpha=args.seq_aux_alpha, amp=args.amp, parallel=args.parallel,
         device=args.device, qat=args.qat, pack=getattr(args, "pack", False), vision=args.vision,
-        vision_init=args.vision_init, freeze=args.freeze, eval_data=args.eval_data, eval_fraction=args.eval_fraction,
+        vision_init=args.vision_init, freeze=args.freeze, vision_lr=args.vision_lr,
+        eval_data=args.eval_data, eval_fraction=args.eval_fraction,
         eval_every=args.eval_every, eval_batches=args.eval_batches,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         seed=args.seed, thinking=not getattr(args, "instant", False), progress=not args.no_progress,

@@ -389,6 +389,7 @@ def build_optimizer(
     weight_decay: float = 0.1,
     qk_clip_tau: float | None = 100.0,
     record_max_logits: bool = True,
+    prefix_lr: dict[str, float] | None = None,
     **kwargs: Any,
 ) -> MuonClip:
     """The optimizer for a K2.5 model: ``muonclip`` (Muon + AdamW routing, QK-Clip) or ``adamw``.
@@ -396,17 +397,28 @@ def build_optimizer(
     ``adamw`` puts every parameter in AdamW groups of the same class, so logging, max-logit
     recording (and, if ``qk_clip_tau`` is set, clipping) are identical between the two; both
     share lr and weight decay (the Moonlight convention that RMS matching makes possible).
+    ``prefix_lr`` gives the parameters under a name prefix their own groups and learning rate
+    (a new vision tower learns at a lower rate than a language model tolerates).
     """
     muon, adamw = split_params(model)
     if name == "adamw":
         adamw, muon = muon + adamw, []
     elif name != "muonclip":
         raise ValueError(f"unknown optimizer {name!r}; expected 'muonclip' or 'adamw'")
+    rates = dict(prefix_lr or {})
+    for prefix, rate in rates.items():
+        if rate < 0:
+            raise ValueError(f"build_optimizer: lr for {prefix!r} must be >= 0, got {rate}")
     groups: list[dict[str, Any]] = []
-    if muon:
-        groups.append({"params": [p for _, p in muon], "use_muon": True, "names": [n for n, _ in muon]})
-    if adamw:
-        groups.append({"params": [p for _, p in adamw], "use_muon": False, "names": [n for n, _ in adamw]})
+    for use_muon, params in ((True, muon), (False, adamw)):
+        for prefix in [None, *rates]:
+            mine = [(n, p) for n, p in params
+                    if (n.startswith(prefix) if prefix else not n.startswith(tuple(rates)))]
+            if mine:
+                group = {"params": [p for _, p in mine], "use_muon": use_muon, "names": [n for n, _ in mine]}
+                if prefix:
+                    group["lr"] = rates[prefix]
+                groups.append(group)
     attention = attention_layers(model) if (record_max_logits or qk_clip_tau is not None) else []
     return MuonClip(groups, lr=lr, weight_decay=weight_decay, attention=attention, qk_clip_tau=qk_clip_tau,
                     **kwargs)

@@ -120,6 +120,7 @@ class TrainConfig:
     # none | text: only the vision tower and projector train (the language model stays as is) |
     # text+vision: only the projector trains (K2.5's projector-only stage)
     freeze: str = "none"
+    vision_lr: float | None = None  # the tower and projector's own peak lr (None: lr); the schedule scales both
     # with several processes: ddp (replicated, grads all-reduced) | fsdp (FSDP2 sharded) | ep (ddp, with the
     # routed experts split over the ranks and tokens sent to them by all-to-all)
     parallel: str = "ddp"
@@ -212,6 +213,9 @@ class Trainer:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
         self.vision = self._use_vision()
+        if cfg.vision_lr is not None and (cfg.vision_lr < 0 or not self.vision):
+            raise TrainError(f"vision_lr {cfg.vision_lr}: " + ("must be >= 0" if cfg.vision_lr < 0 else
+                             "this run trains no vision tower (no image data, or vision is off)"))
         if self.vision and self.world > 1 and cfg.parallel == "fsdp":
             raise TrainError("FSDP does not shard the vision tower yet (a rank without images would skip its "
                              "gradient collective); train multimodal models with --parallel ddp")
@@ -234,6 +238,7 @@ class Trainer:
             self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
             qk_clip_tau=None if cfg.freeze != "none" else cfg.qk_clip_tau,
             ns_dtype=NS_DTYPES[cfg.ns_dtype],
+            prefix_lr=dict.fromkeys(FREEZE["text"], cfg.vision_lr) if cfg.vision_lr is not None else None,
         )
         for group in self.optimizer.param_groups:
             group["initial_lr"] = group["lr"]
