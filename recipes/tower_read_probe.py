@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from k25.config import preset
-from k25.data.vision import sample_read
+from k25.data.vision import record_image_paths, sample_read
 from k25.media import MediaItem, pack_media, preprocess_image
 from k25.model.vision import MoonViT3d, PatchMergerMLP, encode_media
 
@@ -56,8 +56,7 @@ def main() -> None:
         r = json.loads(line)
         held_texts.add(r["answer"].lower())
         if len(held) < 300:
-            url = r["messages"][0]["content"][0]["image_url"]["url"]
-            held.append(encode(str(Path(args.heldout).parent / url), r["answer"]))
+            held.append(encode(record_image_paths(r, Path(args.heldout).parent)[0], r["answer"]))
     rng = random.Random(1)
 
     def fresh() -> tuple[MediaItem, torch.Tensor]:

@@ -209,6 +209,9 @@ class MuonClip(torch.optim.Optimizer):
                         betas=betas, eps=eps, use_muon=False)
         super().__init__(list(params), defaults)
         for i, group in enumerate(self.param_groups):
+            if group["lr"] < 0:
+                raise ValueError(f"MuonClip: param group {i} ({group.get('names', ['?'])[0]}, ...): lr must be >= 0, "
+                                 f"got {group['lr']}")
             if group["use_muon"]:
                 for p in group["params"]:
                     if p.ndim not in (2, 3):
@@ -406,9 +409,6 @@ def build_optimizer(
     elif name != "muonclip":
         raise ValueError(f"unknown optimizer {name!r}; expected 'muonclip' or 'adamw'")
     rates = dict(prefix_lr or {})
-    for prefix, rate in rates.items():
-        if rate < 0:
-            raise ValueError(f"build_optimizer: lr for {prefix!r} must be >= 0, got {rate}")
     groups: list[dict[str, Any]] = []
     for use_muon, params in ((True, muon), (False, adamw)):
         for prefix in [None, *rates]:
