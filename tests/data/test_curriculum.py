@@ -246,3 +246,18 @@ def test_copy_family_repeats_the_prompt_exactly(cur):
     rec = recs[0]
     words = rec["answer"].split()
     assert not score_answer(rec, " ".join(words[:-1]))
+
+
+def test_copy_family_copies_names_beyond_the_training_towns(cur):
+    """Invented names (no town's) teach copying in general, not the training towns' names; held-out
+    towns stay out of training copies."""
+    towns = {t.name for t in cur.corpus.towns}
+    held = {n for r in records(cur, split="heldout") for n in r["meta"].get("towns", ())}
+    name_like = re.compile(r"^[A-Z][a-z]{4,13}$")
+    invented, real = set(), set()
+    for rec in records(cur, "copy", "train"):
+        for item in rec["answer"].split():
+            if name_like.match(item):
+                (real if item in towns else invented).add(item)
+        assert set(rec["meta"]["towns"]) == {w for w in rec["answer"].split() if w in towns}
+    assert len(invented) >= 2 * N and real and not real & held and not invented & towns

@@ -7,6 +7,12 @@ digits after 3.3M tokens, and it failed a plain repeat-the-sequence probe (0% ne
 on the second copy of 40 random tokens). A direct copying task gives the skill a strong signal
 of its own (a 2-layer K2.5-shaped model learns it in ~100 steps), the way synthetic
 "induction" warm-up data is used for small models.
+
+The names must include invented ones. With town names from the training pool only, k25-mini run 3
+learned to copy those 450 names and not names in general: after its copy phase the held-out copy
+loss was 2.27 with held-out town names and 0.36 with the same records' names swapped for training
+towns. Search and agent questions about a held-out town need exactly that general copy, so a
+share of the items are fresh names from the town-name generator that belong to no town at all.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import random
 
 from .conversation import Chat, record
+from .corpus import invent_town_name
 from .families import Sample, World
 
 _PROMPTS = (
@@ -30,25 +37,28 @@ _WORDS = (
 _SYMBOLS = ("*", "+", "-", "=", "(", ")", "/", ",", ".", ":")
 
 
-def _item(rng: random.Random, towns: list[str]) -> str:
+def _item(rng: random.Random, towns: list[str], taken: frozenset[str]) -> str:
     k = rng.random()
-    if k < 0.5:
+    if k < 0.45:
         return str(rng.randrange(10 ** rng.randint(1, 6)))
-    if k < 0.7:
+    if k < 0.6:
         return rng.choice(_WORDS)
-    if k < 0.85:
+    if k < 0.7:
         return rng.choice(towns)
+    if k < 0.85:
+        return invent_town_name(rng, taken)
     return rng.choice(_SYMBOLS)
 
 
 def sample_copy(rng: random.Random, world: World) -> Sample:
-    """6-24 items (numbers up to 6 digits, words, town names, symbols).
+    """6-24 items (numbers up to 6 digits, words, town names, invented names, symbols).
 
-    Town names come from the split's own pool, so a held-out town's name never shows up in training.
+    Town names come from the split's own pool, so a held-out town's name never shows up in training;
+    invented names are no town's name.
     """
     split, towns = world.draw_towns(rng, 3)
     names = [t.name for t in towns]
-    items = [_item(rng, names) for _ in range(rng.randint(6, 24))]
+    items = [_item(rng, names, world.town_names) for _ in range(rng.randint(6, 24))]
     text = " ".join(items)
     chat = Chat(None, thinking=False)
     chat.user(rng.choice(_PROMPTS).format(s=text))

@@ -75,6 +75,19 @@ def _town_name(rng: random.Random) -> str:
     return ("".join(parts) + rng.choice(_ENDINGS)).capitalize()
 
 
+def _usable_name(name: str) -> bool:
+    return 5 <= len(name) <= 14
+
+
+def invent_town_name(rng: random.Random, taken: frozenset[str]) -> str:
+    """A name the town-name generator could have made but that is none of ``taken`` (no town's)."""
+    for _ in range(1000):
+        name = _town_name(rng)
+        if _usable_name(name) and name not in taken:
+            return name
+    raise ValueError(f"could not invent a town name outside the {len(taken)} taken ones")
+
+
 def _surname(rng: random.Random) -> str:
     return (rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_SURNAME_ENDINGS)).capitalize()
 
@@ -92,7 +105,7 @@ def build_towns(seed: int, size: int) -> list[Town]:
         if attempts > size * 200:
             raise ValueError(f"could not make {size} distinct town names; use a smaller corpus")
         name = _town_name(rng)
-        if name not in seen and 5 <= len(name) <= 14:
+        if name not in seen and _usable_name(name):
             seen.add(name)
             names.append(name)
     towns = []

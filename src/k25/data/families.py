@@ -58,6 +58,7 @@ class World:
 
     corpus: Corpus
     pools: dict[str, list[Town]] = field(init=False)
+    town_names: frozenset[str] = field(init=False)  # every town's name, both pools
 
     def __post_init__(self) -> None:
         towns = self.corpus.towns
@@ -69,6 +70,7 @@ class World:
             "train": [t for t in towns if t.name not in held],
             "heldout": [t for t in towns if t.name in held],
         }
+        self.town_names = frozenset(t.name for t in towns)
 
     def draw_towns(self, rng: random.Random, n: int) -> tuple[str, list[Town]]:
         """A split (held-out with probability HELDOUT_FRACTION) and ``n`` distinct towns of its pool."""
