@@ -159,7 +159,7 @@ def test_rate_limited_tasks_back_off_and_finish(serve):
 
 
 def test_scheduler_ramp_and_capacity():
-    cfg = SwarmConfig(ramp_initial=2, ramp_interval=0.15, capacity_shrink_interval=0, capacity_recover_after=1e9)
+    cfg = SwarmConfig(ramp_initial=2, ramp_interval=0.5, capacity_shrink_interval=0, capacity_recover_after=1e9)
 
     async def main():
         sched = Scheduler(cfg)
@@ -174,8 +174,8 @@ def test_scheduler_ramp_and_capacity():
         t0 = time.monotonic()
         await asyncio.gather(*(job() for _ in range(4)))
         offsets = [s - t0 for s in starts]
-        assert offsets[1] < 0.1  # the first two start at once
-        assert offsets[2] - offsets[1] >= 0.14 and offsets[3] - offsets[2] >= 0.14  # then one per interval
+        assert offsets[1] < 0.25  # the first two start at once (a wide margin for a loaded machine)
+        assert offsets[2] - offsets[1] >= 0.49 and offsets[3] - offsets[2] >= 0.49  # then one per interval
         sched.running = 3
         sched.rate_limited()
         assert sched.capacity == 2
@@ -188,7 +188,8 @@ def test_scheduler_ramp_and_capacity():
 
 
 def test_a_task_timeout_fails_only_that_task(serve):
-    work, _ = work_tool(seconds=5)
+    # the fast task's model turns must fit in the timeout even on a loaded 2-core CI machine
+    work, _ = work_tool(seconds=60)
 
     @tool
     def quick(job: str, k: int) -> str:
@@ -197,7 +198,7 @@ def test_a_task_timeout_fails_only_that_task(serve):
 
     jobs = {"slow": 1, "fast": 0}
     with serve(swarm_policy(jobs)) as srv:
-        res = asyncio.run(Swarm(srv.chat_model(), [work], SwarmConfig(task_timeout=0.5)).run("t"))
+        res = asyncio.run(Swarm(srv.chat_model(), [work], SwarmConfig(task_timeout=3.0)).run("t"))
     results = dict((a["prompt"], r) for a, r in _results_from(srv, "assign_task"))
     assert results["job fast"] == "done fast"
     assert results["job slow"].startswith("Error: sub-agent 'worker' did not finish (timeout)")

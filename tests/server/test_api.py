@@ -185,14 +185,15 @@ def test_queue_full_is_429_with_retry_after(backend, server):
 
 
 def test_client_disconnect_aborts_generation(backend, server):
-    backend.outputs = ["x" * 400 + "<|im_end|>"]
+    # 30 s of output: far longer than the abort takes, even on a loaded machine
+    backend.outputs = ["x" * 3000 + "<|im_end|>"]
     backend.delay = 0.01
     with httpx.stream("POST", server.url + "/v1/chat/completions",
                       json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as r:
         for n, _ in enumerate(r.iter_lines()):
             if n > 5:
                 break
-    for _ in range(200):
+    for _ in range(500):
         if backend.aborted:
             break
         asyncio.run(asyncio.sleep(0.02))
