@@ -38,70 +38,60 @@ run: install
 	  $(BIN)/k25 serve out/tiny-random --port $(PORT) --served-model-name k25-tiny-random; \
 	fi
 
-# Reproduce the shipped k25-mini from nothing (run 2; the model card, src/k25/weights/k25-mini/README.md,
-# records every phase with its time and figures). Resumable: rerun after an interruption.
+# Reproduce the shipped k25-mini from nothing (run 3c, ~2 h; the model card, src/k25/weights/k25-mini/README.md,
+# records every phase with its time and figures; docs/k25-mini.md has the earlier runs). Resumable: rerun
+# after an interruption.
 MINI_OUT := out/mini
 MINI_FAMILIES := arith_think,arith_instant,tool_calc,tool_python,tool_search,agent,swarm,swarm_sub,text,simple_text
-# The rebalanced SFT mixture (phases 4 and 6): the first N training records of each family.
-MINI_MIX := tool_calc:2000 tool_search:2000 arith_think:1000 arith_instant:1000 tool_python:600 agent:300 \
-  swarm:200 swarm_sub:300 simple_text:300 text:200
-MINI_TRAIN = $(sort $(wildcard $(MINI_OUT)/data/*/train.jsonl))
-MINI_HELD = $(sort $(wildcard $(MINI_OUT)/data/*/heldout.jsonl))
-MINI_COMMON := --seq-len 1024 --weight-decay 0.1 --qk-clip-tau 100 --no-progress
+# The SFT mixture: the first N training records of each family (+ the copy family).
+MINI_MIX := tool_calc:2000 tool_search:2000 arith_think:1000 arith_instant:1000 tool_python:600 agent:800 \
+  swarm:400 swarm_sub:500 simple_text:300 text:200
+MINI_COMMON := --weight-decay 0.1 --qk-clip-tau 100 --no-progress
 K25 := $(BIN)/k25
 k25-mini: install
 	test -f $(MINI_OUT)/data/stats.json || $(K25) data generate --out $(MINI_OUT)/data --seed 0 --n-per-family 2000 \
 	  --families $(MINI_FAMILIES)
-	test -f $(MINI_OUT)/cdata/stats.json || $(K25) data generate --out $(MINI_OUT)/cdata --families copy --seed 0 \
+	test -f $(R)/cdata/stats.json || $(K25) data generate --out $(R)/cdata --families copy --seed 0 \
 	  --n-per-family 6000
 	test -f $(MINI_OUT)/tokenizer/tiktoken.model || { $(K25) data text $(MINI_OUT)/data --out $(MINI_OUT)/corpus.txt && \
 	  $(K25) vocab train --corpus $(MINI_OUT)/corpus.txt --size 4096 --out $(MINI_OUT)/tokenizer; }
-	mkdir -p $(MINI_OUT)/mix $(MINI_OUT)/warmup
+	mkdir -p $(R)/mix
 	for spec in $(MINI_MIX); do f=$${spec%%:*}; n=$${spec##*:}; \
-	  head -n $$n $(MINI_OUT)/data/$$f/train.jsonl > $(MINI_OUT)/mix/$$f.jsonl; done
-	$(BIN)/python recipes/k25_mini_copy_warmup.py $(MINI_OUT)/corpus.txt $(MINI_OUT)/warmup/copydata.jsonl
+	  head -n $$n $(MINI_OUT)/data/$$f/train.jsonl > $(R)/mix/$$f.jsonl; done
 	$(MAKE) k25-mini-train
 
 M := $(MINI_OUT)
+R := $(MINI_OUT)/r3
+MINI_SFT = $(sort $(wildcard $(R)/mix/*.jsonl)) $(R)/cdata/copy/train.jsonl
+MINI_EVAL := $(M)/data/tool_calc/heldout.jsonl $(M)/data/tool_search/heldout.jsonl
 k25-mini-train:
-	# 1. pretraining on the whole curriculum, from random init
-	$(K25) train pretrain $(MINI_TRAIN) --eval-data $(MINI_HELD) --model k25-mini --tokenizer $(M)/tokenizer $(MINI_COMMON) \
-	  --batch-size 8 --steps 150 --lr 0.01 --warmup-steps 15 --ns-dtype bfloat16 --eval-every 50 --eval-batches 4 \
-	  --save-every 25 --out $(M)/pretrain
-	# 2. SFT on the whole curriculum
-	$(K25) train sft $(MINI_TRAIN) --eval-data $(MINI_HELD) --pack --model $(M)/pretrain/checkpoints/step-00000150 \
-	  $(MINI_COMMON) --batch-size 8 --steps 250 --lr 0.005 --warmup-steps 15 --ns-dtype bfloat16 --eval-every 50 \
-	  --eval-batches 4 --save-every 25 --out $(M)/sft
-	# 3. SFT on tool arithmetic, arithmetic and search (5% split off for evaluation)
-	$(K25) train sft $(M)/data/tool_calc/train.jsonl $(M)/data/arith_instant/train.jsonl \
-	  $(M)/data/arith_think/train.jsonl $(M)/data/tool_search/train.jsonl --pack \
-	  --model $(M)/sft/checkpoints/step-00000250 $(MINI_COMMON) --batch-size 8 --steps 90 --lr 0.005 --warmup-steps 5 \
-	  --ns-dtype bfloat16 --eval-every 0 --save-every 30 --out $(M)/focus
-	# 4. SFT on the rebalanced mixture (an 800-step WSD schedule, stopped at step 400)
-	$(K25) train sft $(sort $(wildcard $(M)/mix/*.jsonl)) --eval-data $(M)/data/tool_calc/heldout.jsonl \
-	  $(M)/data/tool_search/heldout.jsonl $(M)/data/arith_think/heldout.jsonl --pack \
-	  --model $(M)/focus/checkpoints/step-00000090 $(MINI_COMMON) --batch-size 4 --steps 800 --stop-after 400 \
-	  --lr 0.005 --warmup-steps 20 --schedule wsd --decay-fraction 0.2 --ns-dtype float32 --eval-every 100 \
-	  --eval-batches 4 --save-every 50 --out $(M)/sftmix
-	# 5. the copy warm-up, in two runs (120 + 200 steps, Instant)
-	$(K25) train sft $(M)/warmup/copydata.jsonl --pack --instant --model $(M)/sftmix/checkpoints/step-00000400 \
-	  --seq-len 512 --batch-size 8 --steps 120 --ns-dtype float32 --lr 0.003 --warmup-steps 5 --schedule constant --eval-every 0 \
-	  --save-every 40 --out $(M)/warmup/copyrun --no-progress
-	$(K25) train sft $(M)/warmup/copydata.jsonl --pack --instant --model $(M)/warmup/copyrun/checkpoints/step-00000120 \
-	  --seq-len 512 --batch-size 8 --steps 200 --ns-dtype float32 --lr 0.003 --warmup-steps 2 --schedule constant --eval-every 0 \
-	  --save-every 25 --seed 1 --out $(M)/warmup/copyrun2 --no-progress
-	# 6. SFT on the rebalanced mixture + the copy family
-	$(K25) train sft $(sort $(wildcard $(M)/mix/*.jsonl)) $(M)/cdata/copy/train.jsonl \
-	  --eval-data $(M)/data/tool_calc/heldout.jsonl $(M)/data/tool_search/heldout.jsonl $(M)/cdata/copy/heldout.jsonl \
-	  --pack --model $(M)/warmup/copyrun2/checkpoints/step-00000200 $(MINI_COMMON) --batch-size 4 --steps 300 --ns-dtype float32 \
-	  --lr 0.003 --warmup-steps 10 --schedule wsd --decay-fraction 0.2 --eval-every 100 --eval-batches 4 \
-	  --save-every 50 --out $(M)/final
-	# 7. quantization-aware training (fake INT4 on the routed experts), then the INT4 export
-	$(K25) train sft $(sort $(wildcard $(M)/mix/*.jsonl)) $(M)/cdata/copy/train.jsonl \
-	  --eval-data $(M)/data/tool_calc/heldout.jsonl $(M)/data/tool_search/heldout.jsonl --pack --qat int4 \
-	  --model $(M)/final/checkpoints/step-00000300 $(MINI_COMMON) --batch-size 4 --steps 30 --ns-dtype float32 --lr 0.0005 \
-	  --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(M)/fqat
-	test -f $(M)/k25-mini/config.json || $(K25) quantize $(M)/fqat/checkpoints/step-00000030 $(M)/k25-mini \
+	# 1. copying first, from random init: the copy family only, 300 steps, then 150 more (a second run)
+	$(K25) train sft $(R)/cdata/copy/train.jsonl --eval-data $(R)/cdata/copy/heldout.jsonl --pack --model k25-mini \
+	  --tokenizer $(M)/tokenizer $(MINI_COMMON) --seq-len 512 --batch-size 8 --steps 300 --lr 0.005 --warmup-steps 20 \
+	  --schedule constant --eval-every 100 --eval-batches 4 --save-every 25 --out $(R)/copy
+	$(K25) train sft $(R)/cdata/copy/train.jsonl --eval-data $(R)/cdata/copy/heldout.jsonl --pack \
+	  --model $(R)/copy/checkpoints/step-00000300 $(MINI_COMMON) --seq-len 512 --batch-size 8 --steps 150 --lr 0.005 \
+	  --warmup-steps 2 --seed 1 --schedule constant --eval-every 100 --eval-batches 4 --save-every 25 --out $(R)/copy2
+	# 2. pretraining (every token a target) on the mixture + copy
+	$(K25) train pretrain $(MINI_SFT) --eval-data $(MINI_EVAL) --model $(R)/copy2/checkpoints/step-00000150 $(MINI_COMMON) \
+	  --seq-len 1024 --batch-size 8 --steps 60 --lr 0.005 --warmup-steps 5 --eval-every 30 --eval-batches 4 \
+	  --save-every 20 --out $(R)/pretrain
+	# 3. SFT on the mixture + copy (WSD)
+	$(K25) train sft $(MINI_SFT) --eval-data $(MINI_EVAL) $(R)/cdata/copy/heldout.jsonl --pack \
+	  --model $(R)/pretrain/checkpoints/step-00000060 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 700 --lr 0.004 \
+	  --warmup-steps 10 --schedule wsd --decay-fraction 0.2 --eval-every 100 --eval-batches 4 --save-every 50 --out $(R)/sft
+	# 4. SFT continued at a low rate: 150 steps (cosine from 0.001, seed 1), then 400 more (seed 2)
+	$(K25) train sft $(MINI_SFT) --eval-data $(MINI_EVAL) $(R)/cdata/copy/heldout.jsonl --pack \
+	  --model $(R)/sft/checkpoints/step-00000700 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 150 --lr 0.001 \
+	  --warmup-steps 5 --schedule cosine --seed 1 --eval-every 50 --eval-batches 4 --save-every 50 --out $(R)/sft2
+	$(K25) train sft $(MINI_SFT) --eval-data $(MINI_EVAL) $(R)/cdata/copy/heldout.jsonl --pack \
+	  --model $(R)/sft2/checkpoints/step-00000150 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 400 --lr 0.001 \
+	  --warmup-steps 10 --schedule cosine --seed 2 --eval-every 100 --eval-batches 4 --save-every 100 --out $(R)/sft3
+	# 5. quantization-aware training (fake INT4 on the routed experts), then the INT4 export
+	$(K25) train sft $(MINI_SFT) --eval-data $(MINI_EVAL) --pack --qat int4 --model $(R)/sft3/checkpoints/step-00000400 \
+	  $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 30 --lr 0.0005 --warmup-steps 3 --eval-every 10 --eval-batches 4 \
+	  --save-every 10 --out $(R)/qat3
+	test -f $(R)/k25-mini/config.json || $(K25) quantize $(R)/qat3/checkpoints/step-00000030 $(R)/k25-mini \
 	  --dtype bfloat16
 
 lint: install

@@ -240,6 +240,26 @@ def test_cli_pretrain_and_plot(tmp_path, corpus, capsys):
     assert "no records with metric 'nope'" in capsys.readouterr().err
 
 
+def test_chained_phases_continue_on_the_token_axis_and_smooth(tmp_path, capsys):
+    from k25.train.plots import metric_series
+
+    for name, losses in (("a", [4.0, 2.0, 0.0]), ("b", [1.0, 3.0])):
+        (tmp_path / name).mkdir()
+        rows = [{"step": i + 1, "loss": v, "tokens": 100 * (i + 1)} for i, v in enumerate(losses)]
+        rows.append({"step": len(losses), "eval_loss": 9.0, "tokens": 100 * len(losses)})
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = [tmp_path / "a", tmp_path / "b"]
+    (_, xa, _), (start_b, xb, _) = metric_series(runs, "loss")
+    assert xa == [100, 200, 300] and start_b == 0 and xb == [100, 200]
+    (_, xa, ya), (start_b, xb, yb) = metric_series(runs, "loss", chain=True, smooth=2)
+    assert start_b == 300 and xb == [400, 500]
+    assert ya == [4.0, 3.0, 1.0] and yb == [1.0, 2.0]
+    rc = main(["train", "plot", *map(str, runs), "--chain", "--smooth", "2", "-o", str(tmp_path / "p.png")])
+    assert rc == 0 and (tmp_path / "p.png").stat().st_size > 1000
+    assert main(["train", "plot", str(runs[0]), "--smooth", "0", "-o", str(tmp_path / "q.png")]) == 2
+    assert "smooth must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_cli_reports_bad_data(tmp_path, capsys):
     rc = main(["train", "pretrain", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r"), "--no-progress"])
     assert rc == 2 and "missing.txt: no such data file" in capsys.readouterr().err

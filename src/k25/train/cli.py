@@ -121,7 +121,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     try:
         path = plot_runs(args.runs, args.metric, args.out, labels=args.label or None, log_y=args.log_y,
-                         hline=args.hline)
+                         hline=args.hline, chain=args.chain, smooth=args.smooth)
     except TrainError as e:
         print(f"k25 train plot: error: {e}", file=sys.stderr)
         return 2
@@ -144,5 +144,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--label", action="append", help="legend label per run (default: directory names)")
     p.add_argument("--log-y", action="store_true")
     p.add_argument("--hline", type=float, default=None, help="draw a reference level, e.g. the QK-Clip τ")
+    p.add_argument("--chain", action="store_true",
+                   help="the runs are consecutive phases: each starts on the x axis where the previous ended")
+    p.add_argument("--smooth", type=int, default=1, metavar="N", help="plot the mean of the last N values")
     p.add_argument("-o", "--out", default="metrics.png", type=Path)
     p.set_defaults(func=cmd_plot)

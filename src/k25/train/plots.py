@@ -8,6 +8,36 @@ from pathlib import Path
 from .trainer import TrainError, read_metrics
 
 
+def metric_series(
+    runs: Sequence[str | Path], metric: str, chain: bool = False, smooth: int = 1,
+) -> list[tuple[float, list[float], list[float]]]:
+    """Each run's ``metric`` as (start, tokens, values), the curves :func:`plot_runs` draws.
+
+    ``chain`` treats the runs as consecutive phases of one training: each run's tokens start where
+    the previous run's ended, so a multi-phase recipe reads as one curve. ``smooth`` > 1 replaces
+    each value with the mean of the last ``smooth`` values (per-step losses of packed SFT batches
+    vary by an order of magnitude from step to step).
+    """
+    if smooth < 1:
+        raise TrainError(f"smooth must be >= 1, got {smooth}")
+    out: list[tuple[float, list[float], list[float]]] = []
+    offset = 0.0
+    for run in runs:
+        records = read_metrics(run)
+        last_tokens = max((r["tokens"] for r in records if "tokens" in r), default=0)
+        records = [r for r in records if r.get(metric) is not None]
+        if not records:
+            raise TrainError(f"{run}: no records with metric {metric!r}")
+        values = [float(r[metric]) for r in records]
+        if smooth > 1:
+            values = [sum(values[max(0, i - smooth + 1):i + 1]) / (i + 1 - max(0, i - smooth + 1))
+                      for i in range(len(values))]
+        out.append((offset, [offset + r["tokens"] for r in records], values))
+        if chain:
+            offset += last_tokens
+    return out
+
+
 def plot_runs(
     runs: Sequence[str | Path],
     metric: str,
@@ -16,10 +46,13 @@ def plot_runs(
     log_y: bool = False,
     title: str | None = None,
     hline: float | None = None,
+    chain: bool = False,
+    smooth: int = 1,
 ) -> Path:
     """Draw ``metric`` (e.g. ``loss``, ``eval_loss``, ``max_logit``) of each run vs tokens; save to ``out``.
 
-    ``hline`` draws a reference level (e.g. the QK-Clip threshold τ).
+    ``hline`` draws a reference level (e.g. the QK-Clip threshold τ); ``chain`` and ``smooth`` are
+    :func:`metric_series`'s (chained runs get a dotted line where each phase starts).
     """
     import matplotlib
 
@@ -29,13 +62,11 @@ def plot_runs(
     if labels is not None and len(labels) != len(runs):
         raise TrainError(f"{len(labels)} labels for {len(runs)} runs")
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, run in enumerate(runs):
-        records = [r for r in read_metrics(run) if r.get(metric) is not None]
-        if not records:
-            raise TrainError(f"{run}: no records with metric {metric!r}")
+    for i, (run, (start, xs, ys)) in enumerate(zip(runs, metric_series(runs, metric, chain, smooth), strict=True)):
         label = labels[i] if labels else Path(run).name
-        ax.plot([r["tokens"] for r in records], [r[metric] for r in records], label=label,
-                marker="o" if len(records) < 30 else None, ms=3)
+        line, = ax.plot(xs, ys, label=label, marker="o" if len(xs) < 30 else None, ms=3)
+        if chain and i > 0:
+            ax.axvline(start, color=line.get_color(), ls=":", lw=0.8)
     if hline is not None:
         ax.axhline(hline, color="grey", ls="--", lw=1, label=f"{hline:g}")
     ax.set_xlabel("tokens")
