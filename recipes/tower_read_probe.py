@@ -6,7 +6,11 @@ pictures (a new batch every step, held-out texts skipped), and prints the held-o
 and per-character accuracy every 100 steps. No language model is involved, so this measures the
 tower alone: the readout is thrown away. Usage:
 
-    python recipes/tower_read_probe.py [--steps 800] [--lr 1e-3] [--layers 2] [--width 128] [--pos-std 0.02]
+    python recipes/tower_read_probe.py [--steps 800] [--lr 1e-3] [--warmup 0] [--layers 2] [--width 128]
+        [--pos-std 0.02]
+
+``--warmup N`` ramps the rate linearly over N steps and then decays it along a cosine to 10%;
+without it the rate is constant.
 
 Held-out pictures come from ``out/mini/vdata/vision_read/heldout.jsonl`` (``--heldout``).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -43,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine to 10%% (0: constant)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--pos-std", type=float, default=0.02, help="position-table init std (the reference: 1)")
@@ -78,6 +84,16 @@ def main() -> None:
     params = [*tower.parameters(), *projector.parameters(), queries, *attend.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
 
+    def rate(step: int) -> float:
+        if not args.warmup:
+            return 1.0
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+
     def logits(batch: list[tuple[MediaItem, torch.Tensor]]) -> torch.Tensor:
         pixels, grids = pack_media([item for item, _ in batch])
         tokens = torch.stack(encode_media(tower, projector, pixels, grids))  # all pictures are 224×112
@@ -92,6 +108,7 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         if step % 100 == 0 or step == args.steps:
             exact = per_char = 0.0
             with torch.no_grad():

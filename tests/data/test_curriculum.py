@@ -248,6 +248,20 @@ def test_copy_family_repeats_the_prompt_exactly(cur):
     assert not score_answer(rec, " ".join(words[:-1]))
 
 
+def test_copy_quoted_family_moves_each_item_into_quotes(cur):
+    """``copy_quoted``: the prompt's items, in order, as a JSON list of strings, so every item
+    crosses from after a space to after a quote (the first piece's token changes, as in a tool
+    call's arguments)."""
+    recs = list(records(cur, "copy_quoted"))
+    assert recs and all(r["mode"] == "instant" for r in recs)
+    for rec in recs:
+        user, reply = rec["messages"][0]["content"], rec["messages"][-1]["content"]
+        items = json.loads(reply)
+        assert reply == rec["answer"] and user.endswith(": " + " ".join(items))
+        assert 3 <= len(items) <= 12 and all(isinstance(i, str) for i in items)
+        assert score_answer(rec, reply) and not score_answer(rec, " ".join(items))
+
+
 def test_copy_family_copies_names_beyond_the_training_towns(cur):
     """Invented names (no town's) teach copying in general, not the training towns' names; held-out
     towns stay out of training copies."""

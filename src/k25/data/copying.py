@@ -1,4 +1,4 @@
-"""The ``copy`` family: repeat a string of numbers, words and symbols exactly (Instant).
+"""The ``copy`` families: repeat a string of numbers, words and symbols exactly (Instant).
 
 Every tool family needs in-context copying: the numbers of a question go into the calculator's
 expression, a tool's result goes into the answer. A small model does not learn that from the
@@ -13,10 +13,18 @@ learned to copy those 450 names and not names in general: after its copy phase t
 loss was 2.27 with held-out town names and 0.36 with the same records' names swapped for training
 towns. Search and agent questions about a held-out town need exactly that general copy, so a
 share of the items are fresh names from the town-name generator that belong to no town at all.
+
+``copy_quoted`` repeats the items as a JSON list of strings. A word after a space and the same word
+after a quote are different tokens for the first piece (``" P" "omoor"`` in a question,
+``"P" "omoor"`` in ``{"query": "Pomoor founded"}``), and a tool call's arguments are always of the
+second kind. Plain copying never crosses that boundary, and k25-mini run 3c's search misses are
+mostly exactly that: the town's name in its query with the first letter wrong (``Pomoor`` →
+``Domoor``, ``Kofield`` → ``Hofield``).
 """
 
 from __future__ import annotations
 
+import json
 import random
 
 from .conversation import Chat, record
@@ -35,6 +43,11 @@ _WORDS = (
     "calculator", "search", "python", "result", "answer", "total", "price", "metres", "minutes", "dollars",
 )
 _SYMBOLS = ("*", "+", "-", "=", "(", ")", "/", ",", ".", ":")
+_QUOTED_PROMPTS = (
+    "Write these as a JSON list of strings: {s}",
+    "Put each item in quotes, as a JSON list: {s}",
+    "Quote every item, in a JSON list: {s}",
+)
 
 
 def _item(rng: random.Random, towns: list[str], taken: frozenset[str]) -> str:
@@ -50,15 +63,20 @@ def _item(rng: random.Random, towns: list[str], taken: frozenset[str]) -> str:
     return rng.choice(_SYMBOLS)
 
 
+def _items(rng: random.Random, world: World, low: int, high: int) -> tuple[str, list[str], list[str]]:
+    """The split and ``low``-``high`` items; town names come from the split's own pool."""
+    split, towns = world.draw_towns(rng, 3)
+    names = [t.name for t in towns]
+    return split, names, [_item(rng, names, world.town_names) for _ in range(rng.randint(low, high))]
+
+
 def sample_copy(rng: random.Random, world: World) -> Sample:
     """6-24 items (numbers up to 6 digits, words, town names, invented names, symbols).
 
     Town names come from the split's own pool, so a held-out town's name never shows up in training;
     invented names are no town's name.
     """
-    split, towns = world.draw_towns(rng, 3)
-    names = [t.name for t in towns]
-    items = [_item(rng, names, world.town_names) for _ in range(rng.randint(6, 24))]
+    split, names, items = _items(rng, world, 6, 24)
     text = " ".join(items)
     chat = Chat(None, thinking=False)
     chat.user(rng.choice(_PROMPTS).format(s=text))
@@ -66,3 +84,16 @@ def sample_copy(rng: random.Random, world: World) -> Sample:
     key = f"copy:{text}"
     rec = record("copy", chat, text, "text", key, towns=sorted(set(names) & set(items)))
     return Sample(key, {"copy": [rec]}, split=split)
+
+
+def sample_copy_quoted(rng: random.Random, world: World) -> Sample:
+    """3-12 items of ``copy``'s kinds, given space-separated and answered as a JSON list of strings."""
+    split, names, items = _items(rng, world, 3, 12)
+    text = " ".join(items)
+    answer = json.dumps(items)
+    chat = Chat(None, thinking=False)
+    chat.user(rng.choice(_QUOTED_PROMPTS).format(s=text))
+    chat.answer("", answer)
+    key = f"copy_quoted:{text}"
+    rec = record("copy_quoted", chat, answer, "text", key, towns=sorted(set(names) & set(items)))
+    return Sample(key, {"copy_quoted": [rec]}, split=split)

