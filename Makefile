@@ -38,12 +38,12 @@ run: install
 	  $(BIN)/k25 serve out/tiny-random --port $(PORT) --served-model-name k25-tiny-random; \
 	fi
 
-# Reproduce the shipped k25-mini from nothing (run 3c, ~2 h; the model card, src/k25/weights/k25-mini/README.md,
+# Reproduce the shipped k25-mini from nothing (run 3d, ~2 h; the model card, src/k25/weights/k25-mini/README.md,
 # records every phase with its time and figures; docs/k25-mini.md has the earlier runs). Resumable: rerun
 # after an interruption.
 MINI_OUT := out/mini
 MINI_FAMILIES := arith_think,arith_instant,tool_calc,tool_python,tool_search,agent,swarm,swarm_sub,text,simple_text
-# The SFT mixture: the first N training records of each family (+ the copy family).
+# The SFT mixture: the first N training records of each family (+ the copy family; + copy_quoted in 4c).
 MINI_MIX := tool_calc:2000 tool_search:2000 arith_think:1000 arith_instant:1000 tool_python:600 agent:800 \
   swarm:400 swarm_sub:500 simple_text:300 text:200
 MINI_COMMON := --weight-decay 0.1 --qk-clip-tau 100 --no-progress
@@ -53,6 +53,8 @@ k25-mini: install
 	  --families $(MINI_FAMILIES)
 	test -f $(R)/cdata/stats.json || $(K25) data generate --out $(R)/cdata --families copy --seed 0 \
 	  --n-per-family 6000
+	test -f $(R)/qdata/stats.json || $(K25) data generate --out $(R)/qdata --families copy_quoted --seed 0 \
+	  --n-per-family 3000
 	test -f $(MINI_OUT)/tokenizer/tiktoken.model || { $(K25) data text $(MINI_OUT)/data --out $(MINI_OUT)/corpus.txt && \
 	  $(K25) vocab train --corpus $(MINI_OUT)/corpus.txt --size 4096 --out $(MINI_OUT)/tokenizer; }
 	mkdir -p $(R)/mix
@@ -80,18 +82,22 @@ k25-mini-train:
 	$(K25) train sft $(MINI_SFT) --eval-data $(MINI_EVAL) $(R)/cdata/copy/heldout.jsonl --pack \
 	  --model $(R)/pretrain/checkpoints/step-00000060 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 700 --lr 0.004 \
 	  --warmup-steps 10 --schedule wsd --decay-fraction 0.2 --eval-every 100 --eval-batches 4 --save-every 50 --out $(R)/sft
-	# 4. SFT continued at a low rate: 150 steps (cosine from 0.001, seed 1), then 400 more (seed 2)
+	# 4a/4b. SFT continued at a low rate: 150 steps (cosine from 0.001, seed 1), then 400 more (seed 2)
 	$(K25) train sft $(MINI_SFT) --eval-data $(MINI_EVAL) $(R)/cdata/copy/heldout.jsonl --pack \
 	  --model $(R)/sft/checkpoints/step-00000700 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 150 --lr 0.001 \
 	  --warmup-steps 5 --schedule cosine --seed 1 --eval-every 50 --eval-batches 4 --save-every 50 --out $(R)/sft2
 	$(K25) train sft $(MINI_SFT) --eval-data $(MINI_EVAL) $(R)/cdata/copy/heldout.jsonl --pack \
 	  --model $(R)/sft2/checkpoints/step-00000150 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 400 --lr 0.001 \
 	  --warmup-steps 10 --schedule cosine --seed 2 --eval-every 100 --eval-batches 4 --save-every 100 --out $(R)/sft3
+	# 4c. 300 more with copy_quoted added (copying into a tool call's quotes; cosine from 0.001, seed 3)
+	$(K25) train sft $(MINI_SFT) $(R)/qdata/copy_quoted/train.jsonl --eval-data $(MINI_EVAL) $(R)/cdata/copy/heldout.jsonl \
+	  --pack --model $(R)/sft3/checkpoints/step-00000400 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 300 --lr 0.001 \
+	  --warmup-steps 10 --schedule cosine --seed 3 --eval-every 100 --eval-batches 4 --save-every 100 --out $(R)/sft4
 	# 5. quantization-aware training (fake INT4 on the routed experts), then the INT4 export
-	$(K25) train sft $(MINI_SFT) --eval-data $(MINI_EVAL) --pack --qat int4 --model $(R)/sft3/checkpoints/step-00000400 \
-	  $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 30 --lr 0.0005 --warmup-steps 3 --eval-every 10 --eval-batches 4 \
-	  --save-every 10 --out $(R)/qat3
-	test -f $(R)/k25-mini/config.json || $(K25) quantize $(R)/qat3/checkpoints/step-00000030 $(R)/k25-mini \
+	$(K25) train sft $(MINI_SFT) $(R)/qdata/copy_quoted/train.jsonl --eval-data $(MINI_EVAL) --pack --qat int4 \
+	  --model $(R)/sft4/checkpoints/step-00000300 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 30 --lr 0.0005 \
+	  --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat4
+	test -f $(R)/k25-mini/config.json || $(K25) quantize $(R)/qat4/checkpoints/step-00000030 $(R)/k25-mini \
 	  --dtype bfloat16
 
 lint: install

@@ -100,6 +100,27 @@ def test_tool_call_grammar_is_lazy_and_holds_calls_to_the_schemas(engine):
         d.accept(tok.token_to_id("<|tool_call_end|>"))
 
 
+def test_tool_arguments_are_closed_to_undeclared_keys(engine):
+    """A schema without ``additionalProperties`` still admits only its declared arguments, as the
+    validator requires; an explicit ``additionalProperties`` is kept."""
+    from k25.engine.constraints import closed_schema
+
+    _, tok = engine
+    c = ToolCallConstraint(tok, TOOLS)
+    for t in tok.encode('<|tool_calls_section_begin|><|tool_call_begin|>functions.calculator:0'
+                        '<|tool_call_argument_begin|>{"expression": "1"', allow_special_tokens=True):
+        c.accept(t)
+    mask = c.allowed(tok.vocab_size)
+    assert mask[ord("}")] and not mask[ord(",")]  # calculator declares `expression` only
+    nested = {"type": "object", "properties": {"p": {"type": "object", "properties": {"x": {}}}},
+              "$defs": {"d": {"type": "object", "properties": {}}}}
+    closed = closed_schema(nested)
+    assert closed["additionalProperties"] is False and closed["properties"]["p"]["additionalProperties"] is False
+    assert closed["$defs"]["d"]["additionalProperties"] is False and "additionalProperties" not in nested
+    assert closed_schema({"type": "object", "properties": {}, "additionalProperties": True})["additionalProperties"]
+    assert closed_schema({"type": "object"}) == {"type": "object"}  # no properties listed: any object
+
+
 # short arguments only, so a random model finishes its calls within the token budget
 TIGHT = [TOOLS[1], {"type": "function", "function": {"name": "pick", "parameters": {
     "type": "object", "additionalProperties": False, "required": ["n"],

@@ -123,18 +123,47 @@ def _tool_name(tool: Any, i: int) -> tuple[str, dict[str, Any]]:
     return name, params
 
 
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def closed_schema(schema: Any) -> Any:
+    """``schema`` with every object that lists its ``properties`` closed to other keys.
+
+    JSON Schema lets an object without ``additionalProperties`` carry any other key, but a tool's
+    arguments are its declared parameters and nothing else: k25's validator (and OpenAI's strict
+    mode, and xgrammar's default) treat an undeclared argument as an error, so the grammar must not
+    let the model write one. An explicit ``additionalProperties`` is kept as given.
+    """
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed_schema(v) for k, v in out[key].items()}
+    for key in (*_SUBSCHEMA_LISTS, "items", "additionalProperties", "not"):
+        if isinstance(out.get(key), (dict, list)):
+            out[key] = closed_schema(out[key])
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def tool_call_grammar(tools: list[dict[str, Any]]) -> str:
     """The Lark grammar (llguidance dialect) of a tool-call section's body for these tools.
 
     Starts after ``<|tool_calls_section_begin|>``: one or more calls, each naming a declared tool
-    and giving arguments that match that tool's parameter schema, then the section end.
+    and giving arguments that match that tool's parameter schema (closed to undeclared
+    arguments, :func:`closed_schema`), then the section end.
     """
     if not tools:
         raise ConstraintError("tools: a tool-call grammar needs at least one tool")
     alternatives, rules = [], []
     for i, tool in enumerate(tools):
         name, params = _tool_name(tool, i)
-        schema = {**params, "x-guidance": {**TOOL_JSON_STYLE, **params.get("x-guidance", {})}}
+        schema = {**closed_schema(params), "x-guidance": {**TOOL_JSON_STYLE, **params.get("x-guidance", {})}}
         alternatives.append(f"call_{i}")
         rules.append(f"call_{i}: {json.dumps(name + ':')} IDX {ARG_BEGIN} args_{i}")
         rules.append(f"args_{i}: %json {json.dumps(schema)}")
