@@ -1,13 +1,14 @@
 """How fast can k25-mini's vision tower learn to read on its own, and at which learning rate?
 
 Trains a fresh k25-mini tower + projector with a small readout (one cross-attention over the
-projector's tokens, one query per character slot, AdamW) on freshly rendered ``vision_read``
-pictures (a new batch every step, held-out texts skipped), and prints the held-out exact-match
-and per-character accuracy every 100 steps. No language model is involved, so this measures the
+projector's tokens, one query per character slot; or, with ``--readout decoder``, a 2-layer
+autoregressive decoder that reads left to right as a language model does; AdamW) on freshly
+rendered ``vision_read`` pictures (a new batch every step, held-out texts skipped), and prints the
+held-out exact-match and per-character accuracy every 100 steps. No language model is involved, so this measures the
 tower alone: the readout is thrown away. Usage:
 
     python recipes/tower_read_probe.py [--steps 800] [--lr 1e-3] [--warmup 0] [--layers 2] [--width 128]
-        [--pos-std 0.02]
+        [--pos-std 0.02] [--readout slots|decoder]
 
 ``--warmup N`` ramps the rate linearly over N steps and then decays it along a cosine to 10%;
 without it the rate is constant.
@@ -53,6 +54,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--pos-std", type=float, default=0.02, help="position-table init std (the reference: 1)")
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--readout", choices=("slots", "decoder"), default="slots",
+                    help="slots: one cross-attention, one query per character; decoder: a 2-layer "
+                         "autoregressive decoder over the projector's tokens (reads left to right, as a "
+                         "language model does)")
     ap.add_argument("--heldout", default="out/mini/vdata/vision_read/heldout.jsonl")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -81,7 +86,13 @@ def main() -> None:
     dim = vc.text_hidden_size
     queries = nn.Parameter(torch.randn(SLOTS, dim) * 0.02)
     attend, head = nn.MultiheadAttention(dim, 4, batch_first=True), nn.Linear(dim, len(CHARS))
-    params = [*tower.parameters(), *projector.parameters(), queries, *attend.parameters(), *head.parameters()]
+    embed = nn.Embedding(len(CHARS) + 1, dim)  # the last id starts the text
+    slot_pos = nn.Parameter(torch.randn(SLOTS, dim) * 0.02)
+    layer = nn.TransformerDecoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+    decoder = nn.TransformerDecoder(layer, 2)
+    readout = ([queries, *attend.parameters()] if args.readout == "slots"
+               else [*embed.parameters(), slot_pos, *decoder.parameters()])
+    params = [*tower.parameters(), *projector.parameters(), *readout, *head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
 
     def rate(step: int) -> float:
@@ -94,17 +105,37 @@ def main() -> None:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
 
-    def logits(batch: list[tuple[MediaItem, torch.Tensor]]) -> torch.Tensor:
+    def picture_tokens(batch: list[tuple[MediaItem, torch.Tensor]]) -> torch.Tensor:
         pixels, grids = pack_media([item for item, _ in batch])
-        tokens = torch.stack(encode_media(tower, projector, pixels, grids))  # all pictures are 224×112
-        out, _ = attend(queries.expand(len(batch), -1, -1), tokens, tokens)
-        return head(out)
+        return torch.stack(encode_media(tower, projector, pixels, grids))  # all pictures are 224×112
+
+    def decode(tokens: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(prev.shape[1])
+        return head(decoder(embed(prev) + slot_pos[: prev.shape[1]], tokens, tgt_mask=mask, tgt_is_causal=True))
+
+    def logits(batch: list[tuple[MediaItem, torch.Tensor]], target: torch.Tensor) -> torch.Tensor:
+        """Training logits (the decoder reads the true previous characters)."""
+        tokens = picture_tokens(batch)
+        if args.readout == "slots":
+            return head(attend(queries.expand(len(batch), -1, -1), tokens, tokens)[0])
+        start = torch.full((len(batch), 1), len(CHARS))
+        return decode(tokens, torch.cat([start, target[:, :-1]], dim=1))
+
+    def predict(batch: list[tuple[MediaItem, torch.Tensor]]) -> torch.Tensor:
+        """Greedy character ids [batch, SLOTS]."""
+        if args.readout == "slots":
+            return logits(batch, torch.zeros(len(batch), SLOTS, dtype=torch.long)).argmax(-1)
+        tokens = picture_tokens(batch)
+        prev = torch.full((len(batch), 1), len(CHARS))
+        for _ in range(SLOTS):
+            prev = torch.cat([prev, decode(tokens, prev)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return prev[:, 1:]
 
     start = time.time()
     for step in range(1, args.steps + 1):
         batch = [fresh() for _ in range(args.batch)]
         target = torch.stack([y for _, y in batch])
-        loss = F.cross_entropy(logits(batch).reshape(-1, len(CHARS)), target.reshape(-1))
+        loss = F.cross_entropy(logits(batch, target).reshape(-1, len(CHARS)), target.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -115,7 +146,7 @@ def main() -> None:
                 for i in range(0, len(held), 50):
                     chunk = held[i:i + 50]
                     target = torch.stack([y for _, y in chunk])
-                    hit = logits(chunk).argmax(-1) == target
+                    hit = predict(chunk) == target
                     exact += hit.all(-1).sum().item()
                     per_char += hit.float().mean(-1).sum().item()
             print(f"step {step}: train loss {loss.item():.3f}, held-out exact {exact / len(held):.3f}, "
