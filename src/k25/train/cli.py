@@ -103,14 +103,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed, thinking=not getattr(args, "instant", False), progress=not args.no_progress,
         stop_after=args.stop_after,
     )
+    import torch.distributed as dist
+
     try:
         summary = train(cfg)
     except (TrainError, DataError) as e:
         print(f"k25 train: error: {e}", file=sys.stderr)
         return 2
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    finally:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if dist.is_initialized():
+            # under torchrun: a process that exits with gloo's threads still alive can abort
+            # ("terminate called without an active exception"), failing a run that finished
+            dist.destroy_process_group()
+    if rank == 0:
         print(json.dumps(summary))
     return 0
 
