@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 
 from .conversation import Chat, record
 from .corpus import invent_town_name
@@ -63,37 +64,30 @@ def _item(rng: random.Random, towns: list[str], taken: frozenset[str]) -> str:
     return rng.choice(_SYMBOLS)
 
 
-def _items(rng: random.Random, world: World, low: int, high: int) -> tuple[str, list[str], list[str]]:
-    """The split and ``low``-``high`` items; town names come from the split's own pool."""
-    split, towns = world.draw_towns(rng, 3)
-    names = [t.name for t in towns]
-    return split, names, [_item(rng, names, world.town_names) for _ in range(rng.randint(low, high))]
-
-
-def sample_copy(rng: random.Random, world: World) -> Sample:
-    """6-24 items (numbers up to 6 digits, words, town names, invented names, symbols).
+def _copy_sample(rng: random.Random, world: World, family: str, prompts: tuple[str, ...], low: int, high: int,
+                 render: Callable[[list[str]], str]) -> Sample:
+    """``low``-``high`` items, given space-separated in one of ``prompts``, answered as ``render(items)``.
 
     Town names come from the split's own pool, so a held-out town's name never shows up in training;
     invented names are no town's name.
     """
-    split, names, items = _items(rng, world, 6, 24)
-    text = " ".join(items)
+    split, towns = world.draw_towns(rng, 3)
+    names = [t.name for t in towns]
+    items = [_item(rng, names, world.town_names) for _ in range(rng.randint(low, high))]
+    text, answer = " ".join(items), render(items)
     chat = Chat(None, thinking=False)
-    chat.user(rng.choice(_PROMPTS).format(s=text))
-    chat.answer("", text)
-    key = f"copy:{text}"
-    rec = record("copy", chat, text, "text", key, towns=sorted(set(names) & set(items)))
-    return Sample(key, {"copy": [rec]}, split=split)
+    chat.user(rng.choice(prompts).format(s=text))
+    chat.answer("", answer)
+    key = f"{family}:{text}"
+    rec = record(family, chat, answer, "text", key, towns=sorted(set(names) & set(items)))
+    return Sample(key, {family: [rec]}, split=split)
+
+
+def sample_copy(rng: random.Random, world: World) -> Sample:
+    """6-24 items (numbers up to 6 digits, words, town names, invented names, symbols), repeated verbatim."""
+    return _copy_sample(rng, world, "copy", _PROMPTS, 6, 24, " ".join)
 
 
 def sample_copy_quoted(rng: random.Random, world: World) -> Sample:
     """3-12 items of ``copy``'s kinds, given space-separated and answered as a JSON list of strings."""
-    split, names, items = _items(rng, world, 3, 12)
-    text = " ".join(items)
-    answer = json.dumps(items)
-    chat = Chat(None, thinking=False)
-    chat.user(rng.choice(_QUOTED_PROMPTS).format(s=text))
-    chat.answer("", answer)
-    key = f"copy_quoted:{text}"
-    rec = record("copy_quoted", chat, answer, "text", key, towns=sorted(set(names) & set(items)))
-    return Sample(key, {"copy_quoted": [rec]}, split=split)
+    return _copy_sample(rng, world, "copy_quoted", _QUOTED_PROMPTS, 3, 12, json.dumps)
