@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from k25.config import preset
 from k25.data.vision import record_image_paths, sample_read
 from k25.media import MediaItem, pack_media, preprocess_image
 from k25.model.vision import MoonViT3d, PatchMergerMLP, encode_media
+from k25.train.schedule import lr_factor
 
 CHARS = "#0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # '#' pads the slots
 SLOTS = 6
@@ -101,15 +101,8 @@ def main() -> None:
     params = [*tower.parameters(), *projector.parameters(), *readout, *head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
 
-    def rate(step: int) -> float:
-        if not args.warmup:
-            return 1.0
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, rate)
+    kind = "cosine" if args.warmup else "constant"
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, args.steps, args.warmup, kind))
 
     def picture_tokens(batch: list[tuple[MediaItem, torch.Tensor]]) -> torch.Tensor:
         pixels, grids = pack_media([item for item, _ in batch])
@@ -119,18 +112,19 @@ def main() -> None:
         mask = nn.Transformer.generate_square_subsequent_mask(prev.shape[1])
         return head(decoder(embed(prev) + slot_pos[: prev.shape[1]], tokens, tgt_mask=mask, tgt_is_causal=True))
 
-    def logits(batch: list[tuple[MediaItem, torch.Tensor]], target: torch.Tensor) -> torch.Tensor:
-        """Training logits (the decoder reads the true previous characters)."""
+    def logits(batch: list[tuple[MediaItem, torch.Tensor]], target: torch.Tensor | None = None) -> torch.Tensor:
+        """Training logits (the decoder reads the true previous characters, ``target``)."""
         tokens = picture_tokens(batch)
         if args.readout == "slots":
             return head(attend(queries.expand(len(batch), -1, -1), tokens, tokens)[0])
+        assert target is not None, "the decoder readout trains on the true previous characters"
         start = torch.full((len(batch), 1), len(CHARS))
         return decode(tokens, torch.cat([start, target[:, :-1]], dim=1))
 
     def predict(batch: list[tuple[MediaItem, torch.Tensor]]) -> torch.Tensor:
         """Greedy character ids [batch, SLOTS]."""
         if args.readout == "slots":
-            return logits(batch, torch.zeros(len(batch), SLOTS, dtype=torch.long)).argmax(-1)
+            return logits(batch).argmax(-1)
         tokens = picture_tokens(batch)
         prev = torch.full((len(batch), 1), len(CHARS))
         for _ in range(SLOTS):

@@ -29,9 +29,8 @@ def metric_series(
         if not records:
             raise TrainError(f"{run}: no records with metric {metric!r}")
         values = [float(r[metric]) for r in records]
-        if smooth > 1:
-            values = [sum(values[max(0, i - smooth + 1):i + 1]) / (i + 1 - max(0, i - smooth + 1))
-                      for i in range(len(values))]
+        windows = (values[max(0, i - smooth + 1):i + 1] for i in range(len(values)))
+        values = [sum(w) / len(w) for w in windows]
         out.append((offset, [offset + r["tokens"] for r in records], values))
         if chain:
             offset += last_tokens
