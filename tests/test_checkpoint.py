@@ -286,3 +286,15 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
     # the model itself, plus the tensors in flight (and their pages while mapped), plus allocator slack;
     # a second full copy would add another model_bytes
     assert grown < model_bytes + 3 * largest + 32 * 2**20 < 2 * model_bytes, (grown / 2**20, model_bytes / 2**20)
+
+
+def test_a_new_vision_tower_starts_with_a_small_position_table():
+    """build_model's tower: the position table at the text init's std, not the reference N(0, 1)."""
+    from k25.checkpoint.model_io import build_model
+    from k25.model.vision import PatchEmbed3d
+
+    cfg = tiny_config()
+    table = build_model(cfg, dtype=torch.float32, seed=0).vision_tower.patch_embed.pos_emb.weight
+    assert abs(table.std().item() - cfg.text_config.initializer_range) < 0.2 * cfg.text_config.initializer_range
+    reference = PatchEmbed3d(cfg.vision_config).pos_emb.weight  # the module itself keeps the reference init
+    assert 0.8 < reference.std().item() < 1.2

@@ -22,7 +22,7 @@ from k25.data import (
     training_segments,
     write,
 )
-from k25.data.vision import CHART_BOX, CHART_MAX, COLOURS, bar_centre, image_urls
+from k25.data.vision import CHART_BOX, CHART_MAX, COLOURS, READ_SIZE, bar_centre, image_urls
 
 N = 40
 
@@ -67,7 +67,7 @@ def test_records_show_one_image_in_a_user_turn_and_are_valid(data):
         data_bytes = (root / rec["family"] / url).read_bytes()
         assert url == f"images/{hashlib.sha256(data_bytes).hexdigest()[:20]}.png"  # named by content
         img = Image.open(root / rec["family"] / url)
-        assert img.format == "PNG" and list(img.size) == rec["meta"]["size"] and max(img.size) <= 224
+        assert img.format == "PNG" and list(img.size) == rec["meta"]["size"] and max(img.size) <= 140  # small
         text = "".join(t for t, _ in training_segments(rec))
         assert text.count("<|media_pad|>") == 1
         assert not any(target and "<|media" in t for t, target in training_segments(rec))  # images are prompt only
@@ -154,6 +154,10 @@ def test_reading_answers_are_the_drawn_text(data):
         img = image_of(root, rec).convert("L")
         lo, hi = img.getextrema()
         assert lo < 100 < hi  # dark ink on a light ground
+        # the text fills its picture: 56 px high, and no 28-px column (one LM position) to spare
+        ink = img.point(lambda v: 255 if v < 140 else 0).getbbox()
+        assert img.height == READ_SIZE[1] and img.width % 28 == 0 and img.width <= READ_SIZE[0]
+        assert img.width == READ_SIZE[1] or ink[2] - ink[0] + 12 > img.width - 28 - 6, (rec["id"], ink, img.size)
     assert kinds == {"number", "word"}
 
 

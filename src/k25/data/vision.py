@@ -157,8 +157,12 @@ def _light(rng: random.Random) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------
 # Counting shapes.
 
-COUNT_SIZE = 224  # px square: 16×16 patches, 64 LM positions
-GRID = 5  # shapes sit in distinct cells of a GRID×GRID grid, so they never overlap
+# Pictures are small and the content fills them: a tower trained from scratch has its tokens
+# found by a language model's attention only where content covers a good share of them (a digit
+# in a 56×56 frame is read through one attention query at 78% after 300 probe steps, the same
+# digit in a 224×112 frame stays at chance; docs/k25-mini.md, "Framing").
+COUNT_SIZE = 112  # px square: 8×8 patches, 16 LM positions
+GRID = 4  # shapes sit in distinct cells of a GRID×GRID grid, so they never overlap; one cell per LM position
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
     "red": (220, 40, 40), "green": (30, 150, 60), "blue": (40, 90, 220), "yellow": (235, 185, 20),
@@ -225,7 +229,7 @@ def sample_count(rng: random.Random, world: World) -> Sample:
     scene = []
     for (sh, co), c in zip(kinds, rng.sample(range(GRID * GRID), len(kinds)), strict=True):
         row, col = divmod(c, GRID)
-        r = rng.randint(9, 15)
+        r = rng.randint(6, 10)
         room = int(cell / 2 - r - 2)
         x = round((col + 0.5) * cell) + rng.randint(-room, room)
         y = round((row + 0.5) * cell) + rng.randint(-room, room)
@@ -255,7 +259,8 @@ def sample_count(rng: random.Random, world: World) -> Sample:
 # ---------------------------------------------------------------------------------------------
 # Reading digits and words.
 
-READ_SIZE = (224, 112)  # 16×8 patches, 32 LM positions
+READ_SIZE = (140, 56)  # the widest frame: 10×4 patches, 10 LM positions; short texts get narrower ones
+READ_FONT = (28, 40)  # px, before shrinking to fit
 WORDS = (
     "apple", "bird", "boat", "book", "cake", "cat", "cloud", "coin", "cup", "desk", "dog", "door", "drum", "duck",
     "fish", "flag", "frog", "gate", "goat", "hat", "hill", "horse", "house", "key", "kite", "lamp", "leaf", "lion",
@@ -276,21 +281,30 @@ def _text_layer(text: str, size: int, ink: tuple[int, int, int], stroke: int, an
     return layer.crop(layer.getbbox())
 
 
-def render_text(rng: random.Random, text: str) -> tuple[Image.Image, dict[str, Any]]:
-    """``text`` at a random size, tilt, weight, place and colour on a light background."""
-    width, height = READ_SIZE
+def render_text(
+    rng: random.Random, text: str, frame: tuple[int, int] = READ_SIZE, narrow: bool = True
+) -> tuple[Image.Image, dict[str, Any]]:
+    """``text`` at a random size, tilt, weight, place and colour on a light background.
+
+    The picture is ``frame``'s height and (``narrow``) the narrowest multiple of 28 px (one LM
+    position), from square up to ``frame``'s width, that holds the text with a margin, so the text
+    fills it; else exactly ``frame``.
+    """
+    width, height = frame
     angle = round(rng.uniform(-10, 10), 1)
     stroke = rng.choice((0, 0, 1))
     ink = tuple(rng.randint(0, 90) for _ in range(3))
-    size = rng.randint(30, 58)
+    size = rng.randint(*READ_FONT)
     while True:  # shrink until it fits with a margin
         layer = _text_layer(text, size, ink, stroke, angle)  # type: ignore[arg-type]
         if layer.width <= width - 12 and layer.height <= height - 12:
             break
         size -= 2
+    if narrow:
+        width = min(width, max(height, -(-(layer.width + 12) // 28) * 28))
     x = rng.randint(6, width - 6 - layer.width)
     y = rng.randint(6, height - 6 - layer.height)
-    img = Image.new("RGB", READ_SIZE, _light(rng))
+    img = Image.new("RGB", (width, height), _light(rng))
     img.paste(layer, (x, y), layer)
     return img, {"font_size": size, "angle": angle, "stroke": stroke, "x": x, "y": y}
 
@@ -324,9 +338,9 @@ def sample_read(rng: random.Random, world: World) -> Sample:
 # ---------------------------------------------------------------------------------------------
 # Bar charts.
 
-CHART_SIZE = 224
+CHART_SIZE = 112  # 8×8 patches, 16 LM positions
 CHART_MAX = 10
-CHART_BOX = (30, CHART_SIZE - 10, 12, CHART_SIZE - 28)  # plot area: left, right, top, bottom (the value-0 line)
+CHART_BOX = (16, CHART_SIZE - 4, 6, CHART_SIZE - 16)  # plot area: left, right, top, bottom (the value-0 line)
 # Bar labels: capital letters that are not English words ("A" and "I" would match the article or
 # pronoun when a reply is scored), so a letter answer is found only where the model names the bar.
 CHART_LABELS = "BCDEFGHKMNPRSTVWXZ"
@@ -345,18 +359,18 @@ def render_chart(rng: random.Random, bars: dict[str, int]) -> Image.Image:
     draw = ImageDraw.Draw(img)
     left, right, top, bottom = CHART_BOX
     unit = (bottom - top) / CHART_MAX
-    small, label_font = _font(12), _font(16)
+    small, label_font = _font(8), _font(12)
     for v in range(CHART_MAX + 1):
         y = round(bottom - v * unit)
         draw.line((left, y, right, y), fill=(200, 200, 200) if v % 2 else (150, 150, 150), width=1)
         if v % 2 == 0:
-            draw.text((left - 5, y), str(v), font=small, fill=(40, 40, 40), anchor="rm")
+            draw.text((left - 3, y), str(v), font=small, fill=(40, 40, 40), anchor="rm")
     colour = rng.choice(BAR_COLOURS)
     width = round((right - left) / len(bars) * rng.uniform(0.45, 0.7))
     for i, (label, value) in enumerate(bars.items()):
         cx = bar_centre(i, len(bars))
         draw.rectangle((cx - width // 2, round(bottom - value * unit), cx + width // 2, bottom), fill=colour)
-        draw.text((cx, bottom + 6), label, font=label_font, fill=(20, 20, 20), anchor="mt")
+        draw.text((cx, bottom + 3), label, font=label_font, fill=(20, 20, 20), anchor="mt")
     draw.line((left, top, left, bottom), fill=(40, 40, 40), width=1)
     draw.line((left, bottom, right, bottom), fill=(40, 40, 40), width=1)
     return img
@@ -387,7 +401,7 @@ def sample_chart(rng: random.Random, world: World) -> Sample:
 
 
 VISION_DESCRIPTIONS = {
-    "vision_count": "count shapes of one kind/colour among distractors in a 224 px picture (opt-in)",
-    "vision_read": "read a 1-4 digit number or a short word drawn with jitter, 224×112 px (opt-in)",
+    "vision_count": "count shapes of one kind/colour among distractors in a 112 px picture (opt-in)",
+    "vision_read": "read a 1-4 digit number or a short word drawn with jitter, 56 px high (opt-in)",
     "vision_chart": "bar charts of 3-5 labelled bars: the tallest, the shortest, one bar's value (opt-in)",
 }
