@@ -80,7 +80,7 @@ def test_image_records_are_tokenized_as_the_server_tokenizes_the_prompt(root, to
     prompt = render(prompt_messages(rec), None, thinking=rec["mode"] == "thinking", add_generation_prompt=True)
     served = expand_placeholders(tok.encode(prompt), [item], pad)  # what k25 serve feeds the engine
     assert ex.ids[: len(served)] == served and not any(ex.mask[: len(served)])
-    assert ex.ids.count(pad) == item.num_tokens == 64 and len(ex.media) == 1
+    assert ex.ids.count(pad) == item.num_tokens == 16 and len(ex.media) == 1  # 112 px: 8 × 8 patches
     assert ex.media[0].start == served.index(pad) and ex.media[0].tokens == item.num_tokens
     assert any(ex.mask)  # the answer is trained
     pre = curriculum_example(rec, tok, loss_on_prompts=True, base_dir=root / "vision_count")
@@ -260,7 +260,7 @@ def test_plain_conversations_with_images_train_too(tmp_path, root, tok):
     (tmp_path / "chats.jsonl").write_text(json.dumps(conv) + "\n")
     (ex,) = read_chat_examples([tmp_path / "chats.jsonl"], tok, thinking=False)
     pad = tok.token_to_id(PAD)
-    assert len(ex.media) == 1 and ex.ids.count(pad) == 64 and ex.ids[ex.media[0].start] == pad
+    assert len(ex.media) == 1 and ex.ids.count(pad) == 16 and ex.ids[ex.media[0].start] == pad  # 112 px
     assert not any(m for t, m in zip(ex.ids, ex.mask, strict=True) if t == pad) and any(ex.mask)
 
 
