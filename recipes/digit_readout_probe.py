@@ -29,6 +29,7 @@ from k25.config import preset
 from k25.data.vision import render_text
 from k25.media import MediaItem, pack_media, preprocess_image
 from k25.model.vision import MoonViT3d, PatchMergerMLP, encode_media
+from k25.train.muon import build_optimizer
 
 MODES = ("conv", *(f"{b}-{r}" for b in ("patch", "vit", "tower") for r in ("max", "mean", "attention")))
 
@@ -38,6 +39,10 @@ def main() -> None:
     ap.add_argument("mode", choices=MODES)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0, help="the model's init (the pictures are always the same)")
+    ap.add_argument("--optimizer", choices=("adamw", "muonclip"), default="adamw",
+                    help="muonclip: k25 train's optimizer (Muon on the hidden matrices, AdamW on the rest)")
     ap.add_argument("--pos-std", type=float, default=0.02, help="the tower's position-table init std (reference: 1)")
     ap.add_argument("--frame", default="224x112",
                     help="picture size WxH (multiples of 28); the digit is drawn as large as fits")
@@ -45,7 +50,7 @@ def main() -> None:
                     help="read with max over the tokens for this many steps, then with MODE's readout "
                          "(does a tower trained through a max-pool leave tokens that attention can find?)")
     args = ap.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     rng = random.Random(1)
     frame = tuple(int(v) for v in args.frame.split("x"))
     patches = frame[0] // 14 * (frame[1] // 14)
@@ -111,7 +116,11 @@ def main() -> None:
             weights = torch.softmax(tokens @ query / tokens.shape[-1] ** 0.5, dim=1)
             return parts["head"]((weights.unsqueeze(-1) * tokens).sum(1))
 
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    if args.optimizer == "muonclip":
+        opt: torch.optim.Optimizer = build_optimizer(net, "muonclip", lr=args.lr, weight_decay=0.01, qk_clip_tau=None,
+                                                     record_max_logits=False)
+    else:
+        opt = torch.optim.AdamW(net.parameters(), lr=args.lr)
     held = [fresh() for _ in range(200)]
     held_y = torch.tensor([y for _, y in held])
     start = time.time()
