@@ -90,9 +90,9 @@ def build_model(
             model.vision_tower = MoonViT3d(config.vision_config)
             model.mm_projector = PatchMergerMLP(config.vision_config)
             # The position table starts small (the text init's std), not at the reference module's
-            # N(0, 1): at N(0, 1) it outweighs the patch embedding of mostly-plain pictures, every
-            # token looks alike and a new tower is not read (the digit probe in docs/k25-mini.md:
-            # 23% against 78% after 300 steps).
+            # N(0, 1), which outweighed the patch embedding of mostly-plain pictures in vision run 2
+            # (docs/k25-mini.md). The digit probe shows no difference under MuonClip at 5e-3; k25-mini's
+            # vision runs from run 4 on start this way.
             with torch.no_grad():
                 model.vision_tower.patch_embed.pos_emb.weight.normal_(0.0, config.text_config.initializer_range)
     return model.to(dtype)

@@ -159,8 +159,8 @@ def _light(rng: random.Random) -> tuple[int, int, int]:
 
 # Pictures are small and the content fills them: a tower trained from scratch has its tokens
 # found by a language model's attention only where content covers a good share of them (a digit
-# in a 56×56 frame is read through one attention query at 78% after 300 probe steps, the same
-# digit in a 224×112 frame stays at chance; docs/k25-mini.md, "Framing").
+# in a 56×56 frame is read through one attention query at ~80% after 400 probe steps, the same
+# digit in a 224×112 frame stays near chance; docs/k25-mini.md, "Framing").
 COUNT_SIZE = 112  # px square: 8×8 patches, 16 LM positions
 GRID = 4  # shapes sit in distinct cells of a GRID×GRID grid, so they never overlap; one cell per LM position
 SHAPES = ("circle", "square", "triangle")
