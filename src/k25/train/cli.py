@@ -105,8 +105,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     import torch.distributed as dist
 
+    finished = False
     try:
         summary = train(cfg)
+        finished = True
     except (TrainError, DataError) as e:
         print(f"k25 train: error: {e}", file=sys.stderr)
         return 2
@@ -114,7 +116,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if dist.is_initialized():
             # under torchrun: a process that exits with gloo's threads still alive can abort
-            # ("terminate called without an active exception"), failing a run that finished
+            # ("terminate called without an active exception"), failing a run that finished; the
+            # barrier (only after a run that finished everywhere: a failed rank would leave the
+            # others waiting) keeps one rank from tearing down while another still writes
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
     if rank == 0:
         print(json.dumps(summary))
