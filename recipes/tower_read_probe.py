@@ -8,7 +8,7 @@ held-out exact-match and per-character accuracy every 100 steps. No language mod
 tower alone: the readout is thrown away. Usage:
 
     python recipes/tower_read_probe.py [--steps 800] [--lr 1e-3] [--warmup 0] [--layers 2] [--width 128]
-        [--pos-std 0.02] [--readout slots|decoder]
+        [--pos-std 0.02] [--readout slots|decoder] [--optimizer adamw|muonclip]
 
 ``--warmup N`` ramps the rate linearly over N steps and then decays it along a cosine to 10%;
 without it the rate is constant.
@@ -34,6 +34,7 @@ from k25.config import preset
 from k25.data.vision import record_image_paths, sample_read
 from k25.media import MediaItem, pack_media, preprocess_image
 from k25.model.vision import MoonViT3d, PatchMergerMLP, encode_media
+from k25.train.muon import build_optimizer
 from k25.train.schedule import lr_factor
 
 CHARS = "#0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # '#' pads the slots
@@ -49,6 +50,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--optimizer", choices=("adamw", "muonclip"), default="adamw",
+                    help="muonclip: k25 train's optimizer (Muon on the hidden matrices, AdamW on the rest)")
     ap.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine to 10%% (0: constant)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=128)
@@ -99,36 +102,48 @@ def main() -> None:
     readout = ([queries, *attend.parameters()] if args.readout == "slots"
                else [*embed.parameters(), slot_pos, *decoder.parameters()])
     params = [*tower.parameters(), *projector.parameters(), *readout, *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    if args.optimizer == "muonclip":
+        holder = nn.Module()
+        holder.tower, holder.projector, holder.head = tower, projector, head
+        holder.readout = nn.ParameterList(readout)
+        opt: torch.optim.Optimizer = build_optimizer(holder, "muonclip", lr=args.lr, weight_decay=0.01,
+                                                     qk_clip_tau=None, record_max_logits=False)
+    else:
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
 
     kind = "cosine" if args.warmup else "constant"
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, args.steps, args.warmup, kind))
 
-    def picture_tokens(batch: list[tuple[MediaItem, torch.Tensor]]) -> torch.Tensor:
+    def picture_tokens(batch: list[tuple[MediaItem, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[n, L, d] tokens, zero-padded to the widest picture, and the [n, L] padding mask (True: pad)."""
         pixels, grids = pack_media([item for item, _ in batch])
-        return torch.stack(encode_media(tower, projector, pixels, grids))  # all pictures are 224×112
+        items = encode_media(tower, projector, pixels, grids)
+        tokens = nn.utils.rnn.pad_sequence(items, batch_first=True)
+        lengths = torch.tensor([len(t) for t in items])
+        return tokens, torch.arange(tokens.shape[1]) >= lengths[:, None]
 
-    def decode(tokens: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    def decode(tokens: torch.Tensor, pad: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         mask = nn.Transformer.generate_square_subsequent_mask(prev.shape[1])
-        return head(decoder(embed(prev) + slot_pos[: prev.shape[1]], tokens, tgt_mask=mask, tgt_is_causal=True))
+        return head(decoder(embed(prev) + slot_pos[: prev.shape[1]], tokens, tgt_mask=mask, tgt_is_causal=True,
+                            memory_key_padding_mask=pad))
 
     def logits(batch: list[tuple[MediaItem, torch.Tensor]], target: torch.Tensor | None = None) -> torch.Tensor:
         """Training logits (the decoder reads the true previous characters, ``target``)."""
-        tokens = picture_tokens(batch)
+        tokens, pad = picture_tokens(batch)
         if args.readout == "slots":
-            return head(attend(queries.expand(len(batch), -1, -1), tokens, tokens)[0])
+            return head(attend(queries.expand(len(batch), -1, -1), tokens, tokens, key_padding_mask=pad)[0])
         assert target is not None, "the decoder readout trains on the true previous characters"
         start = torch.full((len(batch), 1), len(CHARS))
-        return decode(tokens, torch.cat([start, target[:, :-1]], dim=1))
+        return decode(tokens, pad, torch.cat([start, target[:, :-1]], dim=1))
 
     def predict(batch: list[tuple[MediaItem, torch.Tensor]]) -> torch.Tensor:
         """Greedy character ids [batch, SLOTS]."""
         if args.readout == "slots":
             return logits(batch).argmax(-1)
-        tokens = picture_tokens(batch)
+        tokens, pad = picture_tokens(batch)
         prev = torch.full((len(batch), 1), len(CHARS))
         for _ in range(SLOTS):
-            prev = torch.cat([prev, decode(tokens, prev)[:, -1].argmax(-1, keepdim=True)], dim=1)
+            prev = torch.cat([prev, decode(tokens, pad, prev)[:, -1].argmax(-1, keepdim=True)], dim=1)
         return prev[:, 1:]
 
     start = time.time()
