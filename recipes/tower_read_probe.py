@@ -8,7 +8,7 @@ held-out exact-match and per-character accuracy every 100 steps. No language mod
 tower alone: the readout is thrown away. Usage:
 
     python recipes/tower_read_probe.py [--steps 800] [--lr 1e-3] [--warmup 0] [--layers 2] [--width 128]
-        [--pos-std 0.02] [--readout slots|decoder] [--optimizer adamw|muonclip]
+        [--pos-std 0.02] [--readout slots|decoder] [--optimizer adamw|muonclip] [--save DIR]
 
 ``--warmup N`` ramps the rate linearly over N steps and then decays it along a cosine to 10%;
 without it the rate is constant.
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from k25.checkpoint import build_model, save_model
 from k25.config import preset
 from k25.data.vision import record_image_paths, sample_read
 from k25.media import MediaItem, pack_media, preprocess_image
@@ -50,6 +51,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--save", default=None, metavar="DIR",
+                    help="write the trained tower and projector as a K2.5 checkpoint (k25-mini's shape, its "
+                         "language model random) that `k25 train --vision-init DIR` takes")
     ap.add_argument("--optimizer", choices=("adamw", "muonclip"), default="adamw",
                     help="muonclip: k25 train's optimizer (Muon on the hidden matrices, AdamW on the rest)")
     ap.add_argument("--warmup", type=int, default=0, help="linear warmup steps, then cosine to 10%% (0: constant)")
@@ -166,6 +170,13 @@ def main() -> None:
                     per_char += hit.float().mean(-1).sum().item()
             print(f"step {step}: train loss {loss.item():.3f}, held-out exact {exact / len(held):.3f}, "
                   f"per slot {per_char / len(held):.3f} ({time.time() - start:.0f} s)", flush=True)
+    if args.save:
+        config = preset("k25-mini")
+        config.vision_config = vc
+        model = build_model(config, dtype=torch.float32, vision=True)
+        model.vision_tower.load_state_dict(tower.state_dict())
+        model.mm_projector.load_state_dict(projector.state_dict())
+        print(f"wrote {save_model(model, config, args.save, dtype=torch.float32)}")
 
 
 if __name__ == "__main__":
