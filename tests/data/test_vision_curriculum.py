@@ -22,7 +22,7 @@ from k25.data import (
     training_segments,
     write,
 )
-from k25.data.vision import CHART_BOX, CHART_MAX, COLOURS, READ_SIZE, bar_centre, image_urls
+from k25.data.vision import CHART_BOX, CHART_MAX, COLOURS, READ_CELL, bar_centre, image_urls
 
 N = 40
 
@@ -154,10 +154,11 @@ def test_reading_answers_are_the_drawn_text(data):
         img = image_of(root, rec).convert("L")
         lo, hi = img.getextrema()
         assert lo < 100 < hi  # dark ink on a light ground
-        # the text fills its picture: 56 px high, and no 28-px column (one LM position) to spare
-        ink = img.point(lambda v: 255 if v < 140 else 0).getbbox()
-        assert img.height == READ_SIZE[1] and img.width % 28 == 0 and img.width <= READ_SIZE[0]
-        assert img.width == READ_SIZE[1] or ink[2] - ink[0] + 12 > img.width - 28 - 6, (rec["id"], ink, img.size)
+        # a typewriter line: one 28-px cell (one LM position) per character, ink in every cell
+        assert img.size == (READ_CELL * len(meta["text"]), READ_CELL), (rec["id"], img.size)
+        for i in range(len(meta["text"])):
+            cell = img.crop((i * READ_CELL, 0, (i + 1) * READ_CELL, READ_CELL))
+            assert cell.getextrema()[0] < 100, (rec["id"], i)
     assert kinds == {"number", "word"}
 
 

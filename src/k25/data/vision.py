@@ -309,8 +309,43 @@ def render_text(
     return img, {"font_size": size, "angle": angle, "stroke": stroke, "x": x, "y": y}
 
 
+READ_CELL = 28  # px: one glyph per cell, the patch merger's pitch, so one LM position per character
+READ_CELL_FONT = (17, 24)  # px
+
+
+def render_cells(rng: random.Random, text: str) -> tuple[Image.Image, dict[str, Any]]:
+    """``text`` as a typewriter line: glyph ``i`` centred (±2 px) in the ``i``-th 28-px cell.
+
+    The picture is one cell high and ``len(text)`` cells wide, so the tower's merged tokens are
+    the characters in reading order, one LM position each (vision runs 1-4 drew the text freely
+    in a wider frame, where a position held parts of two glyphs; read that way, the language
+    model learned the text's length but not its glyphs). The glyphs share a baseline, so "l",
+    "i" and "p" keep their heights; size, tilt, weight and colours vary per picture, the place
+    per glyph.
+    """
+    angle = round(rng.uniform(-8, 8), 1)
+    stroke = rng.choice((0, 0, 1))
+    ink = (*(rng.randint(0, 90) for _ in range(3)), 255)
+    size = rng.randint(*READ_CELL_FONT)
+    font, base = _font(size), 2 * READ_CELL
+    line = Image.new("RGBA", (READ_CELL * len(text), 3 * READ_CELL), (0, 0, 0, 0))
+    for i, ch in enumerate(text):
+        glyph = Image.new("RGBA", (READ_CELL, 3 * READ_CELL), (0, 0, 0, 0))
+        x, y = READ_CELL // 2 + rng.randint(-2, 2), base + rng.randint(-1, 1)
+        ImageDraw.Draw(glyph).text((x, y), ch, font=font, fill=ink, anchor="ms", stroke_width=stroke, stroke_fill=ink)
+        glyph = glyph.rotate(angle, resample=Image.Resampling.BICUBIC, center=(x, y - size // 3))
+        line.alpha_composite(glyph, (i * READ_CELL, 0))
+    _, top, _, bottom = line.getbbox() or (0, 0, 0, READ_CELL)
+    line = line.crop((0, top, line.width, bottom))
+    if line.height > READ_CELL - 2:  # a tall glyph pair (e.g. "Q" beside "p"): shrink to fit
+        line = line.resize((line.width, READ_CELL - 2), Image.Resampling.BICUBIC)
+    img = Image.new("RGB", (line.width, READ_CELL), _light(rng))
+    img.paste(line, (0, (READ_CELL - line.height) // 2), line)
+    return img, {"font_size": size, "angle": angle, "stroke": stroke}
+
+
 def sample_read(rng: random.Random, world: World) -> Sample:
-    """A number (1-4 digits, 70%) or a short word (30%) drawn with jitter: what does it say?
+    """A number (1-4 digits, 70%) or a short word (30%), one glyph per LM position: what does it say?
 
     The split key is the text itself, so a held-out number or word is never seen in training in
     any rendering; other renderings of a training text are further training tasks.
@@ -323,7 +358,7 @@ def sample_read(rng: random.Random, world: World) -> Sample:
         word = rng.choice(WORDS)
         text = word.upper() if rng.random() < 0.3 else word
         kind, what, unit = "word", "word", "letters"
-    img, style = render_text(rng, text)
+    img, style = render_cells(rng, text)
     question = rng.choice((f"What {what} is written in the image?", f"Read the {what} in the picture.",
                            f"Which {what} does the image show?"))
     reasoning = f"I read the {unit} from left to right: {', '.join(text)}. So the {what} is {text}."
@@ -402,6 +437,6 @@ def sample_chart(rng: random.Random, world: World) -> Sample:
 
 VISION_DESCRIPTIONS = {
     "vision_count": "count shapes of one kind/colour among distractors in a 112 px picture (opt-in)",
-    "vision_read": "read a 1-4 digit number or a short word drawn with jitter, 56 px high (opt-in)",
+    "vision_read": "read a 1-4 digit number or a short word, one glyph per 28-px cell (opt-in)",
     "vision_chart": "bar charts of 3-5 labelled bars: the tallest, the shortest, one bar's value (opt-in)",
 }

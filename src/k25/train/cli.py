@@ -141,8 +141,24 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vision_align(args: argparse.Namespace) -> int:
+    from .data import DataError
+    from .trainer import TrainError
+    from .vision_align import AlignError, run
+
+    try:
+        run(args.model, args.out, [f.strip() for f in args.families.split(",") if f.strip()],
+            heldout=args.heldout, vision=args.vision, steps=args.steps, lr=args.lr, warmup=args.warmup_steps,
+            batch=args.batch_size, eval_every=args.eval_every, seed=args.seed)
+    except (AlignError, TrainError, DataError, OSError) as e:
+        print(f"k25 train vision-align: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `k25 train pretrain|sft|plot`."""
+    """Add `k25 train pretrain|sft|vision-align|plot`."""
     train = subparsers.add_parser("train", help="pretrain or fine-tune with MuonClip; plot metrics")
     sub = train.add_subparsers(dest="train_command", required=True)
     for task, help_text in (("pretrain", "next-token pretraining on packed sequences"),
@@ -150,6 +166,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p = sub.add_parser(task, help=help_text)
         _add_run_args(p, task)
         p.set_defaults(func=cmd_run, task=task)
+    p = sub.add_parser("vision-align", help="give a text-only checkpoint a new vision tower trained to put on each "
+                       "LM position the embedding of what it shows (the stage before joint training)")
+    p.add_argument("--model", required=True, help="text-only checkpoint directory (its embeddings stay frozen)")
+    p.add_argument("--out", required=True, help="where to write the checkpoint with the aligned tower")
+    p.add_argument("--families", default="read,count", help="read, count, or both (default)")
+    p.add_argument("--heldout", nargs="*", default=[], metavar="FILE",
+                   help="k25 data heldout.jsonl files of vision_read / vision_count: scored every --eval-every "
+                        "steps, and their texts and scenes never drawn for training")
+    p.add_argument("--vision", default="k25-mini", help="preset whose tower shape to use (default: k25-mini)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--lr", type=float, default=5e-3, help="MuonClip peak rate (default 5e-3)")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=32, help="new pictures per step")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_vision_align)
     p = sub.add_parser("plot", help="plot a metric of one or more runs (metrics.jsonl) against tokens")
     p.add_argument("runs", nargs="+", help="run directories or metrics.jsonl files")
     p.add_argument("--metric", default="loss", help="loss, eval_loss, max_logit, grad_norm, lr, ... (default: loss)")

@@ -178,6 +178,49 @@ def _fsync_dir(path: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def graft_vision(model_dir: str, ckpt: K25Config, source: str, seed: int = 0) -> tuple[nn.Module, K25Config]:
+    """A checkpoint's language model plus a vision tower and projector (``vision_init``).
+
+    A preset name gives a freshly initialised tower of that preset's shape whose projector
+    writes into the checkpoint's text width (a late-fusion start, where K2.5 fused from the
+    start). A multimodal checkpoint gives its trained tower and projector, as K2.5 joined a
+    ViT trained beside a smaller language model to K2 (then trained the projector alone);
+    they replace the checkpoint's own tower and projector if it has them. The language model
+    keeps the checkpoint's weights either way.
+    """
+    donor = None
+    if Path(source).is_dir():
+        donor_config = K25Config.from_json_file(source)
+        if donor_config.vision_config is None:
+            raise TrainError(f"vision_init {source!r}: that checkpoint has no vision tower")
+        vision = donor_config.vision_config
+        if vision.text_hidden_size != ckpt.text_config.hidden_size:
+            raise TrainError(
+                f"vision_init {source!r}: its projector writes {vision.text_hidden_size}-wide embeddings "
+                f"(mm_projector.proj.2.weight [{vision.text_hidden_size}, ...]) but {model_dir!r} has "
+                f"hidden_size {ckpt.text_config.hidden_size}")
+        donor = load_model(source, dtype=torch.float32, vision=True)
+    elif source in PRESETS:
+        vision = preset(source).vision_config
+        if vision is None:
+            raise TrainError(f"vision_init {source!r}: that preset has no vision tower")
+    else:
+        raise TrainError(f"vision_init {source!r}: expected a preset name ({', '.join(PRESETS)}) or a "
+                         "checkpoint directory with a vision tower")
+    text = ckpt.text_config
+    vision.text_hidden_size = text.hidden_size
+    config = K25Config(text_config=text, vision_config=vision, bos_token_id=text.bos_token_id,
+                       eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
+    if not ckpt.text_only:
+        config.media_placeholder_token_id = ckpt.media_placeholder_token_id
+    model = build_model(config, dtype=torch.float32, seed=seed, vision=True)
+    text_model(model).load_state_dict(load_model(model_dir, dtype=torch.float32, vision=False).state_dict())
+    if donor is not None:
+        model.vision_tower.load_state_dict(donor.vision_tower.state_dict())
+        model.mm_projector.load_state_dict(donor.mm_projector.state_dict())
+    return model, config
+
+
 class Trainer:
     """Builds model, tokenizer, data and optimizer from a :class:`TrainConfig`, then :meth:`run`."""
 
@@ -317,48 +360,7 @@ class Trainer:
             p.requires_grad_(name.startswith(trainable))
 
     def _graft_vision(self, ckpt: K25Config) -> tuple[nn.Module, K25Config]:
-        """A checkpoint's language model plus a vision tower and projector (``vision_init``).
-
-        A preset name gives a freshly initialised tower of that preset's shape whose projector
-        writes into the checkpoint's text width (a late-fusion start, where K2.5 fused from the
-        start). A multimodal checkpoint gives its trained tower and projector, as K2.5 joined a
-        ViT trained beside a smaller language model to K2 (then trained the projector alone);
-        they replace the checkpoint's own tower and projector if it has them. The language model
-        keeps the checkpoint's weights either way.
-        """
-        cfg = self.cfg
-        source = cfg.vision_init
-        donor = None
-        if Path(source).is_dir():
-            donor_config = K25Config.from_json_file(source)
-            if donor_config.vision_config is None:
-                raise TrainError(f"vision_init {source!r}: that checkpoint has no vision tower")
-            vision = donor_config.vision_config
-            if vision.text_hidden_size != ckpt.text_config.hidden_size:
-                raise TrainError(
-                    f"vision_init {source!r}: its projector writes {vision.text_hidden_size}-wide embeddings "
-                    f"(mm_projector.proj.2.weight [{vision.text_hidden_size}, ...]) but {cfg.model!r} has "
-                    f"hidden_size {ckpt.text_config.hidden_size}")
-            donor = load_model(source, dtype=torch.float32, vision=True)
-        elif source in PRESETS:
-            vision = preset(source).vision_config
-            if vision is None:
-                raise TrainError(f"vision_init {source!r}: that preset has no vision tower")
-        else:
-            raise TrainError(f"vision_init {source!r}: expected a preset name ({', '.join(PRESETS)}) or a "
-                             "checkpoint directory with a vision tower")
-        text = ckpt.text_config
-        vision.text_hidden_size = text.hidden_size
-        config = K25Config(text_config=text, vision_config=vision, bos_token_id=text.bos_token_id,
-                           eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id)
-        if not ckpt.text_only:
-            config.media_placeholder_token_id = ckpt.media_placeholder_token_id
-        model = build_model(config, dtype=torch.float32, seed=cfg.seed, vision=True)
-        text_model(model).load_state_dict(load_model(cfg.model, dtype=torch.float32, vision=False).state_dict())
-        if donor is not None:
-            model.vision_tower.load_state_dict(donor.vision_tower.state_dict())
-            model.mm_projector.load_state_dict(donor.mm_projector.state_dict())
-        return model, config
+        return graft_vision(self.cfg.model, ckpt, self.cfg.vision_init, self.cfg.seed)  # type: ignore[arg-type]
 
     def set_qat(self, on: bool) -> None:
         """Quantization-aware training (K2-Thinking's recipe): routed experts see their INT4 round trip.
