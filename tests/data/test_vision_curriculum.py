@@ -177,3 +177,23 @@ def test_cli_generates_and_checks_images(tmp_path, capsys):
     assert main(["data", "check", str(out)]) == 1
     printed = capsys.readouterr().out
     assert "not a readable image" in printed and "does not exist" in printed and "2 problems" in printed
+
+
+def test_join_spells_reading_texts_and_shares_their_split():
+    """``join`` (text only): the characters one by one in the question, the joined text as the answer,
+    and the split of the same text in ``vision_read``, so a held-out picture's text is held out here too."""
+    cur = generate(seed=2, n_per_family=60, n_heldout=20, families=["join", "vision_read"], corpus_size=40)
+    read_split = {r["meta"]["key"]: r["split"] for r in records(cur, "vision_read")}
+    kinds, shared = set(), 0
+    for rec in records(cur, "join"):
+        assert not check_record(rec), check_record(rec)
+        text, kinds = rec["meta"]["text"], kinds | {rec["meta"]["kind"]}
+        question, answer = rec["messages"][0]["content"], rec["messages"][-1]
+        assert ", ".join(text) in question and text not in question.replace(", ".join(text), "")
+        assert rec["answer"] == text and score_answer(rec, answer["content"])
+        assert ("reasoning_content" in answer) == (rec["mode"] == "thinking")
+        assert rec["split"] == split_of(rec["meta"]["key"])
+        if rec["meta"]["key"] in read_split:
+            shared += 1
+            assert rec["split"] == read_split[rec["meta"]["key"]]
+    assert kinds == {"number", "word"} and shared > 0

@@ -34,7 +34,7 @@ from .families import (
 )
 from .text import sample_kjv, sample_simple_text
 from .tools import runtime_specs
-from .vision import VISION_DESCRIPTIONS, VISION_FAMILIES, sample_chart, sample_count, sample_read
+from .vision import VISION_DESCRIPTIONS, VISION_FAMILIES, sample_chart, sample_count, sample_join, sample_read
 
 SPLITS = ("train", "heldout")
 DEFAULT_CORPUS_SIZE = 500
@@ -54,6 +54,7 @@ SOURCES: dict[str, tuple[Sampler, tuple[str, ...]]] = {
     "copy_quoted": (sample_copy_quoted, ("copy_quoted",)),
     "vision_count": (sample_count, ("vision_count",)),
     "vision_read": (sample_read, ("vision_read",)),
+    "join": (sample_join, ("join",)),
     "vision_chart": (sample_chart, ("vision_chart",)),
 }
 ALL_FAMILIES: tuple[str, ...] = tuple(f for _, fams in SOURCES.values() for f in fams)
@@ -74,6 +75,7 @@ FAMILY_DESCRIPTIONS = {
     "simple_text": "simple English stories generated from templates (labelled)",
     "copy": "repeat a string of numbers, words and symbols exactly (Instant): in-context copying",
     "copy_quoted": "the same items answered as a JSON list of strings: copying into a tool call's quotes",
+    "join": "a number or word given one character at a time, joined (reading's last step, as text)",
     **VISION_DESCRIPTIONS,
 }
 

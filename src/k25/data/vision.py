@@ -344,30 +344,57 @@ def render_cells(rng: random.Random, text: str) -> tuple[Image.Image, dict[str, 
     return img, {"font_size": size, "angle": angle, "stroke": stroke}
 
 
+def read_text(rng: random.Random) -> tuple[str, str, str, str]:
+    """A number (1-4 digits, 70%) or a short word (30%): (text, kind, what, unit)."""
+    if rng.random() < 0.7:
+        digits = rng.randint(1, 4)
+        return str(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)), "number", "number", "digits"
+    word = rng.choice(WORDS)
+    return (word.upper() if rng.random() < 0.3 else word), "word", "word", "letters"
+
+
+def read_answer(text: str, kind: str) -> str:
+    return f"The number is {text}." if kind == "number" else f'The word is "{text}".'
+
+
 def sample_read(rng: random.Random, world: World) -> Sample:
     """A number (1-4 digits, 70%) or a short word (30%), one glyph per LM position: what does it say?
 
     The split key is the text itself, so a held-out number or word is never seen in training in
     any rendering; other renderings of a training text are further training tasks.
     """
-    if rng.random() < 0.7:
-        digits = rng.randint(1, 4)
-        text = str(rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1))
-        kind, what, unit = "number", "number", "digits"
-    else:
-        word = rng.choice(WORDS)
-        text = word.upper() if rng.random() < 0.3 else word
-        kind, what, unit = "word", "word", "letters"
+    text, kind, what, unit = read_text(rng)
     img, style = render_cells(rng, text)
     question = rng.choice((f"What {what} is written in the image?", f"Read the {what} in the picture.",
                            f"Which {what} does the image show?"))
     reasoning = f"I read the {unit} from left to right: {', '.join(text)}. So the {what} is {text}."
-    final = f"The number is {text}." if kind == "number" else f'The word is "{text}".'
     key = f"read:{kind}:{text.lower()}"
     uid = f"{key}:" + ":".join(str(v) for v in style.values())
     thinking = rng.random() >= INSTANT_FRACTION
-    return _sample("vision_read", key, img, question, reasoning, final, text, "number" if kind == "number" else "text",
-                   thinking, uid=uid, kind=kind, text=text, style=style)
+    return _sample("vision_read", key, img, question, reasoning, read_answer(text, kind), text,
+                   "number" if kind == "number" else "text", thinking, uid=uid, kind=kind, text=text, style=style)
+
+
+def sample_join(rng: random.Random, world: World) -> Sample:
+    """Text only: ``vision_read``'s texts given one character at a time, joined into the number or word.
+
+    Reading ends with this step ("... from left to right: 5, 6, 5, 4. So the number is 5654."), and
+    it is a step about tokens, not pictures: "5654" is the tokens "565" "4", which the characters
+    one by one do not show. k25-mini's vision run 5 spelled multi-digit numbers right from the
+    picture and then joined them wrong. The split key is ``vision_read``'s, so a held-out text is
+    held out here too.
+    """
+    text, kind, what, unit = read_text(rng)
+    spelled = ", ".join(text)
+    question = rng.choice((f"Join these {unit} into one {what}: {spelled}",
+                           f"Which {what} do the {unit} {spelled} make?", f"Write the {unit} {spelled} as one {what}."))
+    thinking = rng.random() >= INSTANT_FRACTION
+    chat = Chat(None, thinking)
+    chat.user(question)
+    chat.answer(f"I join the {unit} from left to right: {spelled}. So the {what} is {text}.", read_answer(text, kind))
+    key = f"read:{kind}:{text.lower()}"
+    rec = record("join", chat, text, "number" if kind == "number" else "text", key, kind=kind, text=text)
+    return Sample(key, {"join": [rec]}, uid=f"{key}:{question}:{thinking}")
 
 
 # ---------------------------------------------------------------------------------------------
