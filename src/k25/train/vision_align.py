@@ -165,7 +165,7 @@ def score(tower: nn.Module, projector: nn.Module, targets: AlignTargets, picture
 
 
 def align(
-    model: nn.Module, config: K25Config, targets: AlignTargets, families: Sequence[str], *, steps: int,
+    model: nn.Module, targets: AlignTargets, families: Sequence[str], *, steps: int,
     lr: float = 5e-3, warmup: int = 50, batch: int = 32, heldout: dict[str, list[Example]] | None = None,
     avoid: set[str] | frozenset[str] = frozenset(), eval_every: int = 100, seed: int = 0,
     log: Callable[[str], None] = print,
@@ -238,7 +238,7 @@ def run(model_dir: str, out: str, families: Sequence[str], *, heldout: Sequence[
         family, pictures, keys = read_heldout(path, targets)
         held[family] = held.get(family, []) + pictures
         avoid |= keys
-    history = align(model, config, targets, families, steps=steps, lr=lr, warmup=warmup, batch=batch,
+    history = align(model, targets, families, steps=steps, lr=lr, warmup=warmup, batch=batch,
                     heldout=held, avoid=avoid, eval_every=eval_every, seed=seed, log=log)
     save_model(model, config, out, dtype=torch.float32)
     tokenizer.save_pretrained(out)
