@@ -67,7 +67,7 @@ def test_oracle_scores_every_chat_family_perfectly(curriculum):
         assert m["n"] == len([r for r in records if r["family"] == fam and r["split"] == "heldout"]) > 0
         assert m["accuracy"] == 1.0, (fam, [r for r in report["records"] if r["family"] == fam and not r["correct"]])
         assert m["stop_reasons"] == {"answer": m["n"]}
-        if fam.startswith(("arith", "copy")):  # the tool-free chat families
+        if fam.startswith(("arith", "copy", "join")):  # the tool-free chat families
             assert m["tool_calls"] == 0 and m["tool_call_validity"] is None
         else:
             assert m["tool_calls"] > 0 and m["tool_call_validity"] == 1.0, fam

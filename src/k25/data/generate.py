@@ -52,9 +52,9 @@ SOURCES: dict[str, tuple[Sampler, tuple[str, ...]]] = {
     "simple_text": (sample_simple_text, ("simple_text",)),
     "copy": (sample_copy, ("copy",)),
     "copy_quoted": (sample_copy_quoted, ("copy_quoted",)),
+    "join": (sample_join, ("join",)),
     "vision_count": (sample_count, ("vision_count",)),
     "vision_read": (sample_read, ("vision_read",)),
-    "join": (sample_join, ("join",)),
     "vision_chart": (sample_chart, ("vision_chart",)),
 }
 ALL_FAMILIES: tuple[str, ...] = tuple(f for _, fams in SOURCES.values() for f in fams)
