@@ -353,8 +353,10 @@ def read_text(rng: random.Random) -> tuple[str, str, str, str]:
     return (word.upper() if rng.random() < 0.3 else word), "word", "word", "letters"
 
 
-def read_answer(text: str, kind: str) -> str:
-    return f"The number is {text}." if kind == "number" else f'The word is "{text}".'
+def read_answer(text: str, kind: str) -> tuple[str, str, str]:
+    """The final answer, the split key (the text itself) and the answer type of a reading text."""
+    final = f"The number is {text}." if kind == "number" else f'The word is "{text}".'
+    return final, f"read:{kind}:{text.lower()}", "number" if kind == "number" else "text"
 
 
 def sample_read(rng: random.Random, world: World) -> Sample:
@@ -368,11 +370,11 @@ def sample_read(rng: random.Random, world: World) -> Sample:
     question = rng.choice((f"What {what} is written in the image?", f"Read the {what} in the picture.",
                            f"Which {what} does the image show?"))
     reasoning = f"I read the {unit} from left to right: {', '.join(text)}. So the {what} is {text}."
-    key = f"read:{kind}:{text.lower()}"
+    final, key, answer_type = read_answer(text, kind)
     uid = f"{key}:" + ":".join(str(v) for v in style.values())
     thinking = rng.random() >= INSTANT_FRACTION
-    return _sample("vision_read", key, img, question, reasoning, read_answer(text, kind), text,
-                   "number" if kind == "number" else "text", thinking, uid=uid, kind=kind, text=text, style=style)
+    return _sample("vision_read", key, img, question, reasoning, final, text, answer_type, thinking, uid=uid,
+                   kind=kind, text=text, style=style)
 
 
 def sample_join(rng: random.Random, world: World) -> Sample:
@@ -391,9 +393,9 @@ def sample_join(rng: random.Random, world: World) -> Sample:
     thinking = rng.random() >= INSTANT_FRACTION
     chat = Chat(None, thinking)
     chat.user(question)
-    chat.answer(f"I join the {unit} from left to right: {spelled}. So the {what} is {text}.", read_answer(text, kind))
-    key = f"read:{kind}:{text.lower()}"
-    rec = record("join", chat, text, "number" if kind == "number" else "text", key, kind=kind, text=text)
+    final, key, answer_type = read_answer(text, kind)
+    chat.answer(f"I join the {unit} from left to right: {spelled}. So the {what} is {text}.", final)
+    rec = record("join", chat, text, answer_type, key, kind=kind, text=text)
     return Sample(key, {"join": [rec]}, uid=f"{key}:{question}:{thinking}")
 
 
