@@ -1,6 +1,6 @@
 """Which part keeps k25-mini's vision tower from being read? A one-digit classification, many ways.
 
-Single digits drawn as ``vision_read`` draws text (``render_text``, in a fixed ``--frame``), through
+Single digits drawn freely as vision runs 1-4 drew text (``render_text``, in a fixed ``--frame``), through
 ``preprocess_image``; 10 classes, fresh pictures every step, 200 held-out pictures (``--optimizer``,
 ``--lr``: AdamW 1e-3 by default).
 MODE is ``conv`` (a small conv net on the picture: the baseline, the pixels are readable) or
@@ -58,7 +58,7 @@ def main() -> None:
 
     def fresh() -> tuple[MediaItem, int]:
         digit = rng.randrange(10)
-        return preprocess_image(render_text(rng, str(digit), frame, narrow=False)[0]), digit
+        return preprocess_image(render_text(rng, str(digit), frame)[0]), digit
 
     def picture(batch: list[tuple[MediaItem, int]]) -> torch.Tensor:
         """The patches put back together: [n, 3, H, W] (all pictures are one size)."""

@@ -259,7 +259,7 @@ def sample_count(rng: random.Random, world: World) -> Sample:
 # ---------------------------------------------------------------------------------------------
 # Reading digits and words.
 
-READ_SIZE = (140, 56)  # the widest frame: 10×4 patches, 10 LM positions; short texts get narrower ones
+READ_SIZE = (140, 56)  # render_text's default frame (vision runs 1-4 drew free text in it)
 READ_FONT = (28, 40)  # px, before shrinking to fit
 WORDS = (
     "apple", "bird", "boat", "book", "cake", "cat", "cloud", "coin", "cup", "desk", "dog", "door", "drum", "duck",
@@ -282,13 +282,12 @@ def _text_layer(text: str, size: int, ink: tuple[int, int, int], stroke: int, an
 
 
 def render_text(
-    rng: random.Random, text: str, frame: tuple[int, int] = READ_SIZE, narrow: bool = True
+    rng: random.Random, text: str, frame: tuple[int, int] = READ_SIZE
 ) -> tuple[Image.Image, dict[str, Any]]:
-    """``text`` at a random size, tilt, weight, place and colour on a light background.
+    """``text`` drawn freely at a random size, tilt, weight, place and colour in a ``frame``-sized picture.
 
-    The picture is ``frame``'s height and (``narrow``) the narrowest multiple of 28 px (one LM
-    position), from square up to ``frame``'s width, that holds the text with a margin, so the text
-    fills it; else exactly ``frame``.
+    How vision runs 1-4 drew ``vision_read`` (since run 5 it draws :func:`render_cells`); kept for
+    ``recipes/digit_readout_probe.py``, whose framing figures in ``docs/k25-mini.md`` use it.
     """
     width, height = frame
     angle = round(rng.uniform(-10, 10), 1)
@@ -300,8 +299,6 @@ def render_text(
         if layer.width <= width - 12 and layer.height <= height - 12:
             break
         size -= 2
-    if narrow:
-        width = min(width, max(height, -(-(layer.width + 12) // 28) * 28))
     x = rng.randint(6, width - 6 - layer.width)
     y = rng.randint(6, height - 6 - layer.height)
     img = Image.new("RGB", (width, height), _light(rng))

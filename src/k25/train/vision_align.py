@@ -25,7 +25,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,12 @@ class AlignTargets:
     classes: torch.Tensor  # [vocab + 15 (+1), hidden]: the vocabulary, the shape sums (, "none" if not one token)
     kinds: list[tuple[str, str]]  # (shape, colour) of each shape class
     none_id: int  # the class of an empty cell: the token " none", or the mean of its tokens' embeddings
+    unit: torch.Tensor = field(init=False)  # the class vectors normalised (the cross-entropy's cosines)
+    scale: torch.Tensor = field(init=False)  # the embeddings' mean square (the squared error's unit)
+
+    def __post_init__(self) -> None:
+        self.unit = F.normalize(self.classes, dim=-1)
+        self.scale = self.embed.pow(2).mean()
 
     @classmethod
     def build(cls, embed: torch.Tensor, tokenizer: KimiTokenizer) -> AlignTargets:
@@ -106,11 +112,11 @@ class AlignTargets:
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Sharpened cosine similarity of each token [n, hidden] to every class vector [n, classes]."""
-        return F.normalize(tokens, dim=-1) @ F.normalize(self.classes, dim=-1).T / TEMPERATURE
+        return F.normalize(tokens, dim=-1) @ self.unit.T / TEMPERATURE
 
     def loss(self, tokens: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(total, relative squared error, cross-entropy) of tokens [n, hidden] against class ids [n]."""
-        mse = (tokens - self.classes[ids]).pow(2).mean() / self.embed.pow(2).mean()
+        mse = (tokens - self.classes[ids]).pow(2).mean() / self.scale
         ce = F.cross_entropy(self.logits(tokens), ids)
         return mse + ce, mse, ce
 
