@@ -82,6 +82,11 @@ def test_parallel_tasks_overlap_and_critical_steps_are_counted(serve):
     assert state["peak"] == 4 and res.peak_concurrency == 4  # all four sub-agents worked at once
     assert res.orchestrator_steps == 3  # create, assign x4, answer
     assert sorted(t["steps"] for t in res.tasks) == [2, 2, 3, 4]
+    for t in res.tasks:  # each task keeps what it was asked and its sub-agent's conversation
+        assert t["messages"][1] == {"role": "user", "content": t["prompt"]} and t["prompt"].startswith("job ")
+        assert t["messages"][-1]["role"] == "assistant" and t["messages"][-1]["content"] == t["answer"]
+    assert [m["role"] for m in res.messages][:2] == ["system", "user"] and res.messages[1]["content"] == "do abcd"
+    assert res.messages[-1]["content"] == res.answer
     assert res.critical_steps == 3 + 4 == critical_steps(3, {2: [2, 3, 4, 2]})
     assert res.total_steps == 3 + 11
     assert res.subagents == 1 and res.tool_calls == 1 + 4 + 7

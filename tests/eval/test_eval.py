@@ -89,6 +89,8 @@ def test_oracle_scores_every_chat_family_perfectly(curriculum):
         meta = data[res["id"]]["meta"]
         assert res["critical_steps"] == meta["critical_steps"] < meta["single_agent_steps"] == res["single_agent_steps"]
         assert len(res["tasks"]) == meta["subagents"] and all(t["status"] == "done" for t in res["tasks"])
+        assert res["messages"][-1]["content"] == res["answer"]  # the transcripts are kept for reading misses
+        assert all(t["messages"][-1]["content"] == t["answer"] and t["prompt"] for t in res["tasks"])
     assert fams["swarm"]["solved_with_fewer_critical_steps"] == 1.0
     assert fams["simple_text"]["loss"] is None and report["warnings"]
     # Every prompt was the data's prompt byte for byte, except after an outage the data injected.

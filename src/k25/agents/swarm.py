@@ -134,6 +134,7 @@ class SwarmResult:
     wall_seconds: float
     run_dir: str | None
     peak_concurrency: int = 0
+    messages: list[dict[str, Any]] = field(default_factory=list)  # the orchestrator's conversation
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -372,14 +373,14 @@ class _SwarmRun:
             status = final.get("stop_reason", "unfinished")
             tasks.append({"task_id": task_id, "agent": e["agent"], "stage": e["stage"], "steps": state.steps,
                           "tool_calls": state.tool_calls, "status": "done" if status == "answer" else status,
-                          "answer": final.get("answer")})
+                          "prompt": e.get("prompt"), "answer": final.get("answer"), "messages": state.messages})
         return SwarmResult(
             answer=res.answer, stop_reason=res.stop_reason,
             critical_steps=critical_steps(res.steps, stage_steps),
             total_steps=res.steps + sum(t["steps"] for t in tasks), orchestrator_steps=res.steps,
             subagents=len(self.subagents), tasks=tasks, tool_calls=tool_calls, usage=usage,
             cost=self.cfg.pricing.cost(usage), wall_seconds=wall, run_dir=str(self.dir),
-            peak_concurrency=self.scheduler.peak,
+            peak_concurrency=self.scheduler.peak, messages=res.messages,
         )
 
 

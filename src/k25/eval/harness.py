@@ -149,7 +149,10 @@ async def run_record(record: dict[str, Any], batcher: Batcher, kit: ToolKit, set
         res = await swarm.run(task)
         result.steps, result.critical_steps = res.total_steps, res.critical_steps
         result.single_agent_steps = meta.get("single_agent_steps")
-        result.tasks = res.tasks
+        if settings.keep_messages:  # the orchestrator's conversation; each task keeps its sub-agent's
+            result.messages, result.tasks = res.messages, res.tasks
+        else:
+            result.tasks = [{k: v for k, v in t.items() if k != "messages"} for t in res.tasks]
         answer, stop, executed, usage = res.answer, res.stop_reason, res.tool_calls, res.usage
     else:
         agent_config = AgentConfig(max_steps=settings.max_steps, pricing=free)
