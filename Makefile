@@ -38,9 +38,11 @@ run: install
 	  $(BIN)/k25 serve out/tiny-random --port $(PORT) --served-model-name k25-tiny-random; \
 	fi
 
-# Reproduce the shipped k25-mini from nothing (run 5: run 3d's text phases, then vision; ~2 h 35 min alone; the model
+# Reproduce the shipped k25-mini from nothing (run 6: copying, pretraining, a tower aligned to the pretrained embeddings,
+# then SFT with the pictures mixed in from its first step; ~2 h 20 min alone; the model
 # card, src/k25/weights/k25-mini/README.md, records every phase with its time and figures; docs/k25-mini.md has
-# the earlier runs). Resumable: rerun after an interruption.
+# the earlier runs). Resumable: rerun after an interruption. (The phases that changed since run 3d write to new
+# directories, e.g. $(R)/esft, so a checkout that ran an earlier recipe does not resume the wrong run.)
 MINI_OUT := out/mini
 MINI_FAMILIES := arith_think,arith_instant,tool_calc,tool_python,tool_search,agent,swarm,swarm_sub,text,simple_text
 # The SFT mixture: the first N training records of each family (+ the copy family; + copy_quoted in 4c).
@@ -57,7 +59,9 @@ k25-mini: install
 	  --n-per-family 3000
 	test -f $(R)/vdata/stats.json || $(K25) data generate --out $(R)/vdata --families vision --seed 4 \
 	  --n-per-family 10000 --n-heldout 200
-	head -n 3000 $(R)/vdata/vision_chart/train.jsonl > $(R)/vdata/vision_chart/train3000.jsonl
+	head -n 3000 $(R)/vdata/vision_read/train.jsonl > $(R)/vdata/vision_read/early3000.jsonl
+	head -n 2000 $(R)/vdata/vision_count/train.jsonl > $(R)/vdata/vision_count/early2000.jsonl
+	head -n 600 $(R)/vdata/vision_chart/train.jsonl > $(R)/vdata/vision_chart/early600.jsonl
 	test -f $(MINI_OUT)/tokenizer/tiktoken.model || { $(K25) data text $(MINI_OUT)/data --out $(MINI_OUT)/corpus.txt && \
 	  $(K25) vocab train --corpus $(MINI_OUT)/corpus.txt --size 4096 --out $(MINI_OUT)/tokenizer; }
 	mkdir -p $(R)/mix
@@ -69,9 +73,10 @@ M := $(MINI_OUT)
 R := $(MINI_OUT)/r3
 MINI_SFT = $(sort $(wildcard $(R)/mix/*.jsonl)) $(R)/cdata/copy/train.jsonl
 MINI_EVAL := $(M)/data/tool_calc/heldout.jsonl $(M)/data/tool_search/heldout.jsonl
-# the pictures: all of reading and counting, 3,000 charts (their tower is not aligned; see the card)
-MINI_VISION := $(R)/vdata/vision_read/train.jsonl $(R)/vdata/vision_count/train.jsonl \
-  $(R)/vdata/vision_chart/train3000.jsonl
+# the pictures, mixed into every SFT phase at ~10% of the tokens (K2.5's early fusion): reading 3,000,
+# counting 2,000, charts 600 (their tower is not aligned; see the card)
+MINI_VISION := $(R)/vdata/vision_read/early3000.jsonl $(R)/vdata/vision_count/early2000.jsonl \
+  $(R)/vdata/vision_chart/early600.jsonl
 MINI_VEVAL := $(R)/vdata/vision_read/heldout.jsonl $(R)/vdata/vision_count/heldout.jsonl
 k25-mini-train:
 	# 1. copying first, from random init: the copy family only, 300 steps, then 150 more (a second run)
@@ -85,34 +90,33 @@ k25-mini-train:
 	$(K25) train pretrain $(MINI_SFT) --eval-data $(MINI_EVAL) --model $(R)/copy2/checkpoints/step-00000150 $(MINI_COMMON) \
 	  --seq-len 1024 --batch-size 8 --steps 60 --lr 0.005 --warmup-steps 5 --eval-every 30 --eval-batches 4 \
 	  --save-every 20 --out $(R)/pretrain
-	# 3. SFT on the mixture + copy (WSD)
-	$(K25) train sft $(MINI_SFT) --eval-data $(MINI_EVAL) $(R)/cdata/copy/heldout.jsonl --pack \
-	  --model $(R)/pretrain/checkpoints/step-00000060 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 700 --lr 0.004 \
-	  --warmup-steps 10 --schedule wsd --decay-fraction 0.2 --eval-every 100 --eval-batches 4 --save-every 50 --out $(R)/sft
+	# 2b. vision, early: a new tower + projector trained alone to put on each LM position the pretrained model's
+	#     token embedding of what it shows (reading, counting); the language model is frozen here
+	test -f $(R)/ealigned/config.json || $(K25) train vision-align --model $(R)/pretrain/checkpoints/step-00000060 \
+	  --out $(R)/ealigned --families read,count --steps 1500 --heldout $(MINI_VEVAL)
+	# 3. SFT on the mixture + copy + the pictures at ~10% of the tokens, tower trained with the rest (WSD)
+	$(K25) train sft $(MINI_VISION) $(MINI_SFT) --eval-data $(MINI_EVAL) $(MINI_VEVAL) $(R)/cdata/copy/heldout.jsonl --pack \
+	  --model $(R)/ealigned $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 700 --lr 0.004 --vision-lr 0.001 \
+	  --warmup-steps 10 --schedule wsd --decay-fraction 0.2 --eval-every 100 --eval-batches 4 --save-every 50 --out $(R)/esft
 	# 4a/4b. SFT continued at a low rate: 150 steps (cosine from 0.001, seed 1), then 400 more (seed 2)
-	$(K25) train sft $(MINI_SFT) --eval-data $(MINI_EVAL) $(R)/cdata/copy/heldout.jsonl --pack \
-	  --model $(R)/sft/checkpoints/step-00000700 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 150 --lr 0.001 \
-	  --warmup-steps 5 --schedule cosine --seed 1 --eval-every 50 --eval-batches 4 --save-every 50 --out $(R)/sft2
-	$(K25) train sft $(MINI_SFT) --eval-data $(MINI_EVAL) $(R)/cdata/copy/heldout.jsonl --pack \
-	  --model $(R)/sft2/checkpoints/step-00000150 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 400 --lr 0.001 \
-	  --warmup-steps 10 --schedule cosine --seed 2 --eval-every 100 --eval-batches 4 --save-every 100 --out $(R)/sft3
+	$(K25) train sft $(MINI_VISION) $(MINI_SFT) --eval-data $(MINI_EVAL) $(MINI_VEVAL) $(R)/cdata/copy/heldout.jsonl --pack \
+	  --model $(R)/esft/checkpoints/step-00000700 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 150 --lr 0.001 \
+	  --vision-lr 0.0003 --warmup-steps 5 --schedule cosine --seed 1 --eval-every 50 --eval-batches 4 --save-every 50 \
+	  --out $(R)/esft2
+	$(K25) train sft $(MINI_VISION) $(MINI_SFT) --eval-data $(MINI_EVAL) $(MINI_VEVAL) $(R)/cdata/copy/heldout.jsonl --pack \
+	  --model $(R)/esft2/checkpoints/step-00000150 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 400 --lr 0.001 \
+	  --vision-lr 0.0003 --warmup-steps 10 --schedule cosine --seed 2 --eval-every 100 --eval-batches 4 --save-every 100 \
+	  --out $(R)/esft3
 	# 4c. 300 more with copy_quoted added (copying into a tool call's quotes; cosine from 0.001, seed 3)
-	$(K25) train sft $(MINI_SFT) $(R)/qdata/copy_quoted/train.jsonl --eval-data $(MINI_EVAL) $(R)/cdata/copy/heldout.jsonl \
-	  --pack --model $(R)/sft3/checkpoints/step-00000400 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 300 --lr 0.001 \
-	  --warmup-steps 10 --schedule cosine --seed 3 --eval-every 100 --eval-batches 4 --save-every 100 --out $(R)/sft4
-	# 5. vision: a new tower trained alone to put on each LM position the token embedding of what it shows
-	#    (reading, counting), then joint SFT: the pictures + the text mixture, the tower at a lower rate
-	test -f $(R)/aligned/config.json || $(K25) train vision-align --model $(R)/sft4/checkpoints/step-00000300 \
-	  --out $(R)/aligned --families read,count --steps 1500 --heldout $(MINI_VEVAL)
-	$(K25) train sft $(MINI_VISION) $(MINI_SFT) $(R)/qdata/copy_quoted/train.jsonl \
-	  --eval-data $(MINI_VEVAL) $(M)/data/tool_calc/heldout.jsonl --pack --model $(R)/aligned $(MINI_COMMON) \
-	  --seq-len 1024 --batch-size 4 --steps 500 --lr 0.001 --vision-lr 0.0003 --warmup-steps 10 --schedule cosine \
-	  --seed 6 --eval-every 100 --eval-batches 4 --save-every 100 --out $(R)/joint
+	$(K25) train sft $(MINI_VISION) $(MINI_SFT) $(R)/qdata/copy_quoted/train.jsonl --eval-data $(MINI_EVAL) $(MINI_VEVAL) \
+	  $(R)/cdata/copy/heldout.jsonl --pack --model $(R)/esft3/checkpoints/step-00000400 $(MINI_COMMON) --seq-len 1024 \
+	  --batch-size 4 --steps 300 --lr 0.001 --vision-lr 0.0003 --warmup-steps 10 --schedule cosine --seed 3 \
+	  --eval-every 100 --eval-batches 4 --save-every 100 --out $(R)/esft4
 	# 6. quantization-aware training (fake INT4 on the routed experts), then the INT4 export
 	$(K25) train sft $(MINI_VISION) $(MINI_SFT) $(R)/qdata/copy_quoted/train.jsonl --eval-data $(MINI_EVAL) --pack \
-	  --qat int4 --model $(R)/joint/checkpoints/step-00000500 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 30 \
-	  --lr 0.0005 --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat5
-	test -f $(R)/k25-mini/config.json || $(K25) quantize $(R)/qat5/checkpoints/step-00000030 $(R)/k25-mini \
+	  --qat int4 --model $(R)/esft4/checkpoints/step-00000300 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 30 \
+	  --lr 0.0005 --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat6
+	test -f $(R)/k25-mini/config.json || $(K25) quantize $(R)/qat6/checkpoints/step-00000030 $(R)/k25-mini \
 	  --dtype bfloat16
 
 lint: install
