@@ -149,6 +149,13 @@ def test_step_budget_stops_the_run(serve):
     assert res.answer == "working"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_final_reply_cut_at_the_token_limit_is_not_an_answer(serve, stream):
+    with serve([say("The answer is 12", reasoning="I add them up", finish_reason="length")]) as srv:
+        res = asyncio.run(Agent(srv.chat_model(stream=stream), [add]).run("What is 5+7?"))
+    assert res.stop_reason == "length" and res.answer == "The answer is 12" and res.steps == 1
+
+
 def test_usage_and_cost(serve):
     from k25.agents.scripted import Reply
 

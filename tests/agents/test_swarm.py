@@ -210,6 +210,24 @@ def test_a_task_timeout_fails_only_that_task(serve):
     assert res.stop_reason == "answer"
 
 
+def test_a_subagent_cut_at_the_token_limit_is_reported_to_the_orchestrator(serve):
+    base = swarm_policy({"ok": 0, "cut": 0})
+
+    def policy(body):
+        msgs = body["messages"]
+        if msgs[1]["role"] == "user" and msgs[1]["content"] == "job cut":  # this sub-agent runs on and is cut
+            return say("", reasoning="again and again and again", finish_reason="length")
+        return base(body)
+
+    with serve(policy) as srv:
+        res = asyncio.run(Swarm(srv.chat_model(), [], SwarmConfig(ramp_interval=0)).run("t"))
+    results = dict((a["prompt"], r) for a, r in _results_from(srv, "assign_task"))
+    assert results["job ok"] == "done ok"
+    assert results["job cut"] == ("Error: sub-agent 'worker' did not finish (length): its last reply was cut at "
+                                  "the token limit before it gave an answer")
+    assert sorted(t["status"] for t in res.tasks) == ["done", "length"]
+
+
 def test_cancelling_a_swarm_stops_every_task(serve):
     cancelled = []
 

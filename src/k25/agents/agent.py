@@ -54,7 +54,7 @@ class AgentResult:
     """How a run ended and what it cost."""
 
     answer: str | None
-    stop_reason: str  # answer | max_steps | repeated_calls
+    stop_reason: str  # answer | length (the final reply was cut at the token limit) | max_steps | repeated_calls
     steps: int
     tool_calls: int
     usage: Usage
@@ -180,8 +180,9 @@ class Agent:
             log.write({"type": "response", "step": step, "message": reply.message, "usage": reply.usage.to_dict(),
                        "finish_reason": reply.finish_reason, "attempts": reply.attempts, "agent": self.name})
             s.messages.append(reply.message)
-            if not reply.message.get("tool_calls"):
-                return self._finish(s, log, "answer", reply.message.get("content") or "")
+            if not reply.message.get("tool_calls"):  # a reply cut at the token limit is not a finished answer
+                reason = "length" if reply.finish_reason == "length" else "answer"
+                return self._finish(s, log, reason, reply.message.get("content") or "")
             done = {c["id"]: s.early.pop((step, c["id"])) for c in reply.message["tool_calls"]
                     if (step, c["id"]) in s.early}
             await self._run_tools(s, log, step, reply.message, done, started)

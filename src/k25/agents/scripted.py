@@ -39,11 +39,12 @@ class Reply:
     usage: dict[str, int] | None = None
     # Streaming only: seconds between one tool call's chunks and the next call's.
     stream_gap: float = 0.0
+    finish_reason: str | None = None  # default: tool_calls or stop; "length" for a reply cut at the token limit
 
 
-def say(content: str, reasoning: str | None = None, delay: float = 0.0) -> Reply:
-    """A final answer (no tool call)."""
-    return Reply(content=content, reasoning=reasoning, delay=delay)
+def say(content: str, reasoning: str | None = None, delay: float = 0.0, finish_reason: str | None = None) -> Reply:
+    """A final answer (no tool call); ``finish_reason="length"`` sends it as cut at the token limit."""
+    return Reply(content=content, reasoning=reasoning, delay=delay, finish_reason=finish_reason)
 
 
 def call(name: str, arguments: Any = None, reasoning: str | None = None, content: str | None = None,
@@ -225,6 +226,6 @@ def completion(body: dict[str, Any], reply: Reply, model: str) -> dict[str, Any]
         "created": int(time.time()),
         "model": body.get("model") or model,
         "choices": [{"index": 0, "message": message,
-                     "finish_reason": "tool_calls" if reply.tool_calls else "stop"}],
+                     "finish_reason": reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop")}],
         "usage": usage,
     }

@@ -294,6 +294,8 @@ class _SwarmRun:
                                              cfg.task_timeout)
                 status = "done" if res.stop_reason == "answer" else res.stop_reason
                 text, steps = res.answer or "", res.steps
+                if status == "length" and not text:
+                    text = "its last reply was cut at the token limit before it gave an answer"
                 break
             except RateLimited as e:
                 requeues += 1
