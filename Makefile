@@ -112,7 +112,7 @@ k25-mini-train:
 	  $(R)/cdata/copy/heldout.jsonl --pack --model $(R)/esft3/checkpoints/step-00000400 $(MINI_COMMON) --seq-len 1024 \
 	  --batch-size 4 --steps 300 --lr 0.001 --vision-lr 0.0003 --warmup-steps 10 --schedule cosine --seed 3 \
 	  --eval-every 100 --eval-batches 4 --save-every 100 --out $(R)/esft4
-	# 6. quantization-aware training (fake INT4 on the routed experts), then the INT4 export
+	# 5. quantization-aware training (fake INT4 on the routed experts), then the INT4 export
 	$(K25) train sft $(MINI_VISION) $(MINI_SFT) $(R)/qdata/copy_quoted/train.jsonl --eval-data $(MINI_EVAL) --pack \
 	  --qat int4 --model $(R)/esft4/checkpoints/step-00000300 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 30 \
 	  --lr 0.0005 --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat6
