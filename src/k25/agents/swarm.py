@@ -42,6 +42,12 @@ You are a sub-agent working for an orchestrator. It cannot see your context; it 
 end with a complete, self-contained answer to the task you were given."""
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\- ]{0,63}")
+# What the orchestrator is told when a sub-agent stopped without an answer and left no text.
+_NO_ANSWER = {
+    "length": "its last reply was cut at the token limit before it gave an answer",
+    "max_steps": "it ran out of steps before it gave an answer",
+    "repeated_calls": "it kept repeating refused tool calls and was stopped",
+}
 
 
 @dataclass
@@ -294,8 +300,8 @@ class _SwarmRun:
                                              cfg.task_timeout)
                 status = "done" if res.stop_reason == "answer" else res.stop_reason
                 text, steps = res.answer or "", res.steps
-                if status == "length" and not text:
-                    text = "its last reply was cut at the token limit before it gave an answer"
+                if status != "done" and not text:
+                    text = _NO_ANSWER.get(status, "it stopped without an answer")
                 break
             except RateLimited as e:
                 requeues += 1
