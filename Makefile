@@ -78,6 +78,9 @@ MINI_EVAL := $(M)/data/tool_calc/heldout.jsonl $(M)/data/tool_search/heldout.jso
 MINI_VISION := $(R)/vdata/vision_read/early3000.jsonl $(R)/vdata/vision_count/early2000.jsonl \
   $(R)/vdata/vision_chart/early600.jsonl
 MINI_VEVAL := $(R)/vdata/vision_read/heldout.jsonl $(R)/vdata/vision_count/heldout.jsonl
+# the SFT phases from 3 on: the pictures + the text mixture (+ copy_quoted from 4c), and their held-out files
+MINI_EF_SFT = $(K25) train sft $(MINI_VISION) $(MINI_SFT)
+MINI_EF_EVAL = --eval-data $(MINI_EVAL) $(MINI_VEVAL) $(R)/cdata/copy/heldout.jsonl --pack
 k25-mini-train:
 	# 1. copying first, from random init: the copy family only, 300 steps, then 150 more (a second run)
 	$(K25) train sft $(R)/cdata/copy/train.jsonl --eval-data $(R)/cdata/copy/heldout.jsonl --pack --model k25-mini \
@@ -95,25 +98,24 @@ k25-mini-train:
 	test -f $(R)/ealigned/config.json || $(K25) train vision-align --model $(R)/pretrain/checkpoints/step-00000060 \
 	  --out $(R)/ealigned --families read,count --steps 1500 --heldout $(MINI_VEVAL)
 	# 3. SFT on the mixture + copy + the pictures at ~10% of the tokens, tower trained with the rest (WSD)
-	$(K25) train sft $(MINI_VISION) $(MINI_SFT) --eval-data $(MINI_EVAL) $(MINI_VEVAL) $(R)/cdata/copy/heldout.jsonl --pack \
+	$(MINI_EF_SFT) $(MINI_EF_EVAL) \
 	  --model $(R)/ealigned $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 700 --lr 0.004 --vision-lr 0.001 \
 	  --warmup-steps 10 --schedule wsd --decay-fraction 0.2 --eval-every 100 --eval-batches 4 --save-every 50 --out $(R)/esft
 	# 4a/4b. SFT continued at a low rate: 150 steps (cosine from 0.001, seed 1), then 400 more (seed 2)
-	$(K25) train sft $(MINI_VISION) $(MINI_SFT) --eval-data $(MINI_EVAL) $(MINI_VEVAL) $(R)/cdata/copy/heldout.jsonl --pack \
+	$(MINI_EF_SFT) $(MINI_EF_EVAL) \
 	  --model $(R)/esft/checkpoints/step-00000700 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 150 --lr 0.001 \
 	  --vision-lr 0.0003 --warmup-steps 5 --schedule cosine --seed 1 --eval-every 50 --eval-batches 4 --save-every 50 \
 	  --out $(R)/esft2
-	$(K25) train sft $(MINI_VISION) $(MINI_SFT) --eval-data $(MINI_EVAL) $(MINI_VEVAL) $(R)/cdata/copy/heldout.jsonl --pack \
+	$(MINI_EF_SFT) $(MINI_EF_EVAL) \
 	  --model $(R)/esft2/checkpoints/step-00000150 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 400 --lr 0.001 \
 	  --vision-lr 0.0003 --warmup-steps 10 --schedule cosine --seed 2 --eval-every 100 --eval-batches 4 --save-every 100 \
 	  --out $(R)/esft3
 	# 4c. 300 more with copy_quoted added (copying into a tool call's quotes; cosine from 0.001, seed 3)
-	$(K25) train sft $(MINI_VISION) $(MINI_SFT) $(R)/qdata/copy_quoted/train.jsonl --eval-data $(MINI_EVAL) $(MINI_VEVAL) \
-	  $(R)/cdata/copy/heldout.jsonl --pack --model $(R)/esft3/checkpoints/step-00000400 $(MINI_COMMON) --seq-len 1024 \
-	  --batch-size 4 --steps 300 --lr 0.001 --vision-lr 0.0003 --warmup-steps 10 --schedule cosine --seed 3 \
-	  --eval-every 100 --eval-batches 4 --save-every 100 --out $(R)/esft4
+	$(MINI_EF_SFT) $(R)/qdata/copy_quoted/train.jsonl $(MINI_EF_EVAL) --model $(R)/esft3/checkpoints/step-00000400 \
+	  $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 300 --lr 0.001 --vision-lr 0.0003 --warmup-steps 10 \
+	  --schedule cosine --seed 3 --eval-every 100 --eval-batches 4 --save-every 100 --out $(R)/esft4
 	# 5. quantization-aware training (fake INT4 on the routed experts), then the INT4 export
-	$(K25) train sft $(MINI_VISION) $(MINI_SFT) $(R)/qdata/copy_quoted/train.jsonl --eval-data $(MINI_EVAL) --pack \
+	$(MINI_EF_SFT) $(R)/qdata/copy_quoted/train.jsonl --eval-data $(MINI_EVAL) --pack \
 	  --qat int4 --model $(R)/esft4/checkpoints/step-00000300 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 30 \
 	  --lr 0.0005 --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat6
 	test -f $(R)/k25-mini/config.json || $(K25) quantize $(R)/qat6/checkpoints/step-00000030 $(R)/k25-mini \
