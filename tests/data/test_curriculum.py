@@ -46,7 +46,7 @@ def test_counts_and_fields(cur):
     assert list(cur.records) == FAMS
     for fam in FAMS:
         train, held = cur.records[fam]["train"], cur.records[fam]["heldout"]
-        if fam == "swarm_sub":  # one conversation per sub-agent of every swarm trace
+        if fam in ("swarm_sub", "swarm_batch_sub"):  # one conversation per sub-agent of every swarm trace
             assert len(train) >= 3 * N and len(held) >= 3
         else:
             assert (len(train), len(held)) == (N, 3)
@@ -145,7 +145,7 @@ def test_arithmetic_answers_and_every_step_are_correct(cur):
 
 
 def test_tool_answers_come_from_the_tool_results(cur):
-    for fam in ("tool_calc", "tool_python", "tool_search", "agent", "swarm_sub"):
+    for fam in ("tool_calc", "tool_python", "tool_search", "agent", "swarm_sub", "swarm_batch_sub"):
         for rec in records(cur, fam):
             results = [m["content"] for m in rec["messages"] if m["role"] == "tool"]
             assert results and str(rec["answer"]) in "\n".join(results) + rec["answer"], rec["id"]
@@ -175,6 +175,52 @@ def test_swarm_traces(cur):
         assert {json.loads(c["function"]["arguments"])["agent"] for c in turns[1]["tool_calls"]} <= created
         assert rec["meta"]["critical_steps"] < rec["meta"]["single_agent_steps"]
         assert score_answer(rec, msgs[-1]["content"])
+
+
+def test_swarm_batch_traces(cur):
+    """The batch form: one researcher, one assign_batch over the parts' names, whose expanded prompts
+    are the swarm_sub prompts; the runtime's own batch JSON comes back; totals via the calculator."""
+    sub_prompts = {s["messages"][1]["content"] for s in records(cur, "swarm_sub")}
+    batch_subs = {}
+    for sub in records(cur, "swarm_batch_sub"):
+        batch_subs.setdefault(sub["meta"]["key"], []).append(sub)
+    for rec in records(cur, "swarm_batch"):
+        msgs, meta = rec["messages"], rec["meta"]
+        assert [t["function"]["name"] for t in rec["tools"]] == [
+            "create_subagent", "assign_task", "assign_batch", "search", "calculator"]
+        turns = [m for m in msgs if m["role"] == "assistant" and m.get("tool_calls")]
+        calls = [[(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in t["tool_calls"]]
+                 for t in turns]
+        assert [len(c) for c in calls] == [1] * len(calls)
+        (_, create), (name, batch) = calls[0][0], calls[1][0]
+        assert name == "assign_batch" and batch["agent"] == create["name"]
+        assert len(batch["items"]) == meta["subagents"] >= 3
+        prompts = [batch["prompt_template"].replace("{{item}}", it) for it in batch["items"]]
+        assert all(p.startswith("Find the year") and p.endswith("Answer in one sentence.") for p in prompts)
+        results = json.loads(msgs[msgs.index(turns[1]) + 1]["content"])
+        assert [r["item"] for r in results] == batch["items"] and {r["status"] for r in results} == {"done"}
+        subs = batch_subs[meta["key"]]
+        assert [r["result"] for r in results] == [s["messages"][-1]["content"] for s in subs]
+        assert [s["messages"][1]["content"] for s in subs] == prompts and all(s["split"] == rec["split"] for s in subs)
+        for sub in subs:  # a pair's two searches go out in one turn, then the calculator
+            searches = [c["function"]["name"] for c in sub["messages"][2]["tool_calls"]]
+            assert searches == ["search"] * len(sub["meta"]["towns"])
+        if meta["goal"] == "total":
+            assert calls[2][0][0] == "calculator"
+            assert msgs[msgs.index(turns[2]) + 1]["content"] == rec["answer"]
+        else:
+            assert len(calls) == 2
+        assert meta["critical_steps"] < meta["single_agent_steps"]
+        assert score_answer(rec, msgs[-1]["content"])
+    # the same task drawn for both forms asks the sub-agents the same prompts
+    batch_prompts = {
+        json.loads(m["tool_calls"][0]["function"]["arguments"])["prompt_template"]
+        for r in records(cur, "swarm_batch") for m in r["messages"]
+        if m["role"] == "assistant" and m.get("tool_calls") and m["tool_calls"][0]["function"]["name"] == "assign_batch"
+    }
+    assert len(batch_prompts) == 2  # one template per kind (ages, gaps)
+    templates = {re.sub(r"Find the years? (.+?) (?:was|were) founded", "", p) for p in sub_prompts}
+    assert {re.sub(r"Find the years? (.+?) (?:was|were) founded", "", t) for t in batch_prompts} <= templates
 
 
 def test_training_segments_hold_every_turn_with_its_reasoning(cur):

@@ -157,6 +157,15 @@ def critical_steps(orchestrator_steps: int, stage_task_steps: dict[int, list[int
     return orchestrator_steps + sum(max(steps, default=0) for steps in stage_task_steps.values())
 
 
+def batch_result(items: Sequence[str], outcomes: Sequence[tuple[str, str]]) -> str:
+    """What ``assign_batch`` returns: one ``{item, status, result}`` per item, in the items' order.
+
+    One function, so the curriculum's swarm traces show the orchestrator exactly these bytes.
+    """
+    return json.dumps([{"item": it, "status": st, "result": text}
+                       for it, (st, text) in zip(items, outcomes, strict=True)], ensure_ascii=False)
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
@@ -263,8 +272,7 @@ class _SwarmRun:
             outs = await asyncio.gather(*(
                 self.run_task(agent, p, ctx.step, f"{ctx.step}-{ctx.call_id}-{i}") for i, p in enumerate(prompts)
             ))
-            return json.dumps([{"item": it, "status": st, "result": text}
-                               for it, (st, text) in zip(items, outs, strict=True)], ensure_ascii=False)
+            return batch_result(items, outs)
 
         return [tool(create_subagent), tool(assign_task), tool(assign_batch)]
 

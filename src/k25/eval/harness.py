@@ -29,10 +29,10 @@ from typing import Any
 
 from ..data.generate import ALL_FAMILIES
 from ..data.records import is_chat, prompt_messages, read_jsonl, score_answer
-from ..data.tools import ORCHESTRATOR_TOOLS
+from ..data.tools import ORCHESTRATOR_TOOLS, SWARM_WORKER_TOOLS
 from ..data.vision import has_images, resolve_image_urls
 from .model import Batcher, EvalChatModel, EvalError, Generator, Tally
-from .tools import SWARM_WORKER_TOOLS, ToolKit
+from .tools import ToolKit
 
 TEXT_FAMILIES = ("text", "simple_text")
 
@@ -143,7 +143,9 @@ async def run_record(record: dict[str, Any], batcher: Batcher, kit: ToolKit, set
     result = RecordResult(record["id"], record["family"], record.get("mode", ""), expected=record.get("answer"))
     free = Pricing(0.0, 0.0)
     if is_swarm(record):
-        swarm_config = SwarmConfig(orchestrator_uses_tools=False, orchestrator_steps=settings.max_steps,
+        # The orchestrator holds the workers' tools too when the record declares them (the batch form).
+        uses_tools = any(t["function"]["name"] not in ORCHESTRATOR_TOOLS for t in record.get("tools") or [])
+        swarm_config = SwarmConfig(orchestrator_uses_tools=uses_tools, orchestrator_steps=settings.max_steps,
                                    subagent_steps=settings.max_steps, ramp_interval=0.0, pricing=free)
         swarm = Swarm(model, kit.toolset(SWARM_WORKER_TOOLS), swarm_config, system_prompt=system)
         res = await swarm.run(task)

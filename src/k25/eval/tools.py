@@ -23,9 +23,6 @@ from ..agents.tools import Tool, Toolset
 from ..data.tools import PYTHON_TOOL, calculator_tool
 from .model import EvalError
 
-# The sub-agents of a swarm record use these (k25.data.families._subagent_run).
-SWARM_WORKER_TOOLS = ("search", "calculator")
-
 _STDERR = re.compile(r"(?:^|\n)\[stderr\]\n(.*?)(?=\n\[(?:exit code |stopped: |files in the working directory: )|\Z)",
                      re.S)
 # Python 3.10/3.11 print a NameError's "Did you mean" hint, but traceback.format_exception_only
