@@ -22,8 +22,8 @@ from ..agents.builtin import CalculatorError, calculate, calculator, calculator_
 
 __all__ = [
     "ORCHESTRATOR_TOOLS", "PYTHON_TOOL", "SWARM_WORKER_TOOLS", "CalculatorError", "calculate", "calculator",
-    "calculator_tool", "check_tool_call", "create_subagent_results", "format_number", "is_error", "run_python", "runtime_specs",
-    "tool_schemas",
+    "calculator_tool", "check_tool_call", "create_subagent_results", "format_number", "is_error", "run_python",
+    "runtime_specs", "tool_schemas",
 ]
 
 PYTHON_TOOL = "code_interpreter"  # the runtime's name for its interpreter (k25.agents.builtin)
