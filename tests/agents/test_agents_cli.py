@@ -34,6 +34,16 @@ def test_endpoint_from_the_environment(serve, monkeypatch, capsys):
         assert main(["agent", "hi", "--no-code", "--quiet"]) == 0
     assert capsys.readouterr().out.startswith("hello")
     assert srv.requests[0]["model"] == "env-model"
+    assert "temperature" not in srv.requests[0]  # the server's default unless asked
+
+
+def test_sampling_options_reach_every_request(serve, capsys):
+    script = [call("calculator", {"expression": "6 * 7"}), say("42")]
+    with serve(script) as srv:
+        assert main(["agent", "what is 6*7?", "--base-url", srv.base_url, "--no-code", "--quiet",
+                     "--temperature", "0", "--top-p", "0.5"]) == 0
+    assert capsys.readouterr().out.startswith("42")
+    assert [(b["temperature"], b["top_p"]) for b in srv.requests] == [(0.0, 0.5)] * 2
 
 
 def test_missing_endpoint_and_missing_k25_mini_is_a_clear_error(monkeypatch, tmp_path, capsys):

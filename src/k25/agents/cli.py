@@ -86,6 +86,7 @@ def _model(args: argparse.Namespace) -> ChatModel:
         model=args.model or env_first(ENV_MODEL) or "kimi-k2.5", base_url=args.base_url, api_key=args.api_key,
         thinking=thinking, thinking_style=args.thinking_style, max_retries=args.retries, stream=args.stream,
         max_completion_tokens=args.max_tokens,
+        request_options={k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None},
     )
 
 
@@ -227,6 +228,10 @@ def _endpoint_args(p: argparse.ArgumentParser) -> None:
                    help="how to send --thinking: Moonshot's 'thinking' field, vLLM's chat_template_kwargs, or both")
     g.add_argument("--max-tokens", type=int, default=None,
                    help="cap on each model reply's tokens (max_completion_tokens; default: the server's)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: the server's; K2.5's is 1.0 thinking, 0.6 instant); "
+                        "0 is greedy, which small models such as k25-mini need for their measured accuracy")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: the server's)")
     g.add_argument("--retries", type=int, default=4, help="retries per model call on 429/5xx/transport errors")
     g.add_argument("--stream", action="store_true", help="stream replies; each tool starts as soon as its call "
                                                          "has streamed in")
