@@ -38,10 +38,11 @@ run: install
 	  $(BIN)/k25 serve out/tiny-random --port $(PORT) --served-model-name k25-tiny-random; \
 	fi
 
-# Reproduce the shipped k25-mini from nothing (run 6: copying, pretraining, a tower aligned to the pretrained embeddings,
-# then SFT with the pictures mixed in from its first step; ~2 h 20 min alone; the model
-# card, src/k25/weights/k25-mini/README.md, records every phase with its time and figures; docs/k25-mini.md has
-# the earlier runs). Resumable: rerun after an interruption. (The phases that changed since run 3d write to new
+# Reproduce the shipped k25-mini from nothing (run 7: copying, pretraining, a tower aligned to the pretrained embeddings,
+# then SFT with the pictures mixed in from its first step, QAT and run 6's export; then SFT with the swarm's batch form,
+# QAT and the export that ships, $(R)/k25-mini7; ~3 h 10 min alone; the model card,
+# src/k25/weights/k25-mini/README.md, records every phase with its time and figures; docs/k25-mini.md has the
+# earlier runs). Resumable: rerun after an interruption. (The phases that changed since run 3d write to new
 # directories, e.g. $(R)/esft, so a checkout that ran an earlier recipe does not resume the wrong run.)
 MINI_OUT := out/mini
 MINI_FAMILIES := arith_think,arith_instant,tool_calc,tool_python,tool_search,agent,swarm,swarm_sub,text,simple_text
@@ -62,6 +63,9 @@ k25-mini: install
 	head -n 3000 $(R)/vdata/vision_read/train.jsonl > $(R)/vdata/vision_read/early3000.jsonl
 	head -n 2000 $(R)/vdata/vision_count/train.jsonl > $(R)/vdata/vision_count/early2000.jsonl
 	head -n 600 $(R)/vdata/vision_chart/train.jsonl > $(R)/vdata/vision_chart/early600.jsonl
+	test -f $(R)/bdata/stats.json || $(K25) data generate --out $(R)/bdata --families swarm_batch,swarm_batch_sub \
+	  --seed 0 --n-per-family 2000
+	head -n 2000 $(R)/bdata/swarm_batch_sub/train.jsonl > $(R)/bdata/swarm_batch_sub/first2000.jsonl
 	test -f $(MINI_OUT)/tokenizer/tiktoken.model || { $(K25) data text $(MINI_OUT)/data --out $(MINI_OUT)/corpus.txt && \
 	  $(K25) vocab train --corpus $(MINI_OUT)/corpus.txt --size 4096 --out $(MINI_OUT)/tokenizer; }
 	mkdir -p $(R)/mix
@@ -81,6 +85,10 @@ MINI_VEVAL := $(R)/vdata/vision_read/heldout.jsonl $(R)/vdata/vision_count/heldo
 # the SFT phases from 3 on: the pictures + the text mixture (+ copy_quoted from 4c), and their held-out files
 MINI_EF_SFT = $(K25) train sft $(MINI_VISION) $(MINI_SFT)
 MINI_EF_EVAL = --eval-data $(MINI_EVAL) $(MINI_VEVAL) $(R)/cdata/copy/heldout.jsonl --pack
+# phases 6-7 (run 7): the swarm's batch form replaces the assign_task traces and their sub-agents; 1,536-token rows,
+# since half the batch traces are longer than 1,024 tokens
+MINI_B_SFT = $(K25) train sft $(MINI_VISION) $(filter-out $(R)/mix/swarm.jsonl $(R)/mix/swarm_sub.jsonl,$(MINI_SFT)) \
+  $(R)/qdata/copy_quoted/train.jsonl $(R)/bdata/swarm_batch/train.jsonl $(R)/bdata/swarm_batch_sub/first2000.jsonl
 k25-mini-train:
 	# 1. copying first, from random init: the copy family only, 300 steps, then 150 more (a second run)
 	$(K25) train sft $(R)/cdata/copy/train.jsonl --eval-data $(R)/cdata/copy/heldout.jsonl --pack --model k25-mini \
@@ -119,6 +127,16 @@ k25-mini-train:
 	  --qat int4 --model $(R)/esft4/checkpoints/step-00000300 $(MINI_COMMON) --seq-len 1024 --batch-size 4 --steps 30 \
 	  --lr 0.0005 --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat6
 	test -f $(R)/k25-mini/config.json || $(K25) quantize $(R)/qat6/checkpoints/step-00000030 $(R)/k25-mini \
+	  --dtype bfloat16
+	# 6. run 7: SFT from run 6's INT4 export (experts dequantized) with the swarm's batch form (400 steps, cosine
+	#    from 0.001, seed 6), then 7. QAT again and the INT4 export that ships
+	$(MINI_B_SFT) --eval-data $(MINI_EVAL) $(MINI_VEVAL) $(R)/cdata/copy/heldout.jsonl $(R)/bdata/swarm_batch/heldout.jsonl \
+	  --pack --model $(R)/k25-mini $(MINI_COMMON) --seq-len 1536 --batch-size 3 --steps 400 --lr 0.001 --vision-lr 0.0003 \
+	  --warmup-steps 10 --schedule cosine --seed 6 --eval-every 100 --eval-batches 4 --save-every 50 --out $(R)/bsft
+	$(MINI_B_SFT) --eval-data $(MINI_EVAL) $(R)/bdata/swarm_batch/heldout.jsonl --pack --qat int4 \
+	  --model $(R)/bsft/checkpoints/step-00000400 $(MINI_COMMON) --seq-len 1536 --batch-size 3 --steps 30 --lr 0.0005 \
+	  --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat7
+	test -f $(R)/k25-mini7/config.json || $(K25) quantize $(R)/qat7/checkpoints/step-00000030 $(R)/k25-mini7 \
 	  --dtype bfloat16
 
 lint: install
