@@ -138,6 +138,8 @@ k25-mini-train:
 	  --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat7
 	test -f $(R)/k25-mini7/config.json || $(K25) quantize $(R)/qat7/checkpoints/step-00000030 $(R)/k25-mini7 \
 	  --dtype bfloat16
+	# greedy by default when served (its figures are greedy); a request's temperature still wins
+	printf '{\n  "do_sample": false\n}\n' > $(R)/k25-mini7/generation_config.json
 
 lint: install
 	$(BIN)/ruff check src tests

@@ -32,6 +32,10 @@ def test_shipped_weights_are_the_official_int4_format(weights):
     total = sum(p.stat().st_size for p in weights.glob("*.safetensors"))
     assert total < 40e6, f"k25-mini's weights should be tens of MB, found {total / 1e6:.1f} MB"
     assert (weights / "README.md").read_text().startswith("# k25-mini")
+    from k25.server.protocol import SamplingDefaults  # served greedy by default: its figures are greedy
+
+    defaults = SamplingDefaults.from_generation_config(weights / "generation_config.json")
+    assert defaults.thinking_temperature == defaults.instant_temperature == 0.0
 
 
 def test_k25_mini_answers_held_out_questions(weights, tmp_path):

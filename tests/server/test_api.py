@@ -70,6 +70,41 @@ def test_instant_mode_both_spellings(client, backend, extra):
     assert backend.sampling[0]["temperature"] == 0.6
 
 
+def test_checkpoint_generation_config_sets_the_default_sampling(backend, tmp_path):
+    """A checkpoint's generation_config.json (as vLLM reads it) replaces the card's defaults in both
+    modes; the request's own values and the strict platform rules still win."""
+    from k25.server.protocol import SamplingDefaults
+
+    path = tmp_path / "generation_config.json"
+    assert SamplingDefaults.from_generation_config(path) == SamplingDefaults()  # absent: K2.5's card
+    path.write_text(json.dumps({"do_sample": False, "top_p": 0.9, "eos_token_id": 163586}))
+    backend.sampling_defaults = SamplingDefaults.from_generation_config(path)
+    msgs = [{"role": "user", "content": "2+2?"}]
+    with ServerThread(create_app(backend)) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        for extra in ({}, {"thinking": {"type": "disabled"}}):
+            backend.outputs = ["</think>4.<|im_end|>" if not extra else "4.<|im_end|>"]
+            client.chat.completions.create(model="k25-test", messages=msgs, extra_body=extra)
+        backend.outputs = ["</think>4.<|im_end|>"]
+        client.chat.completions.create(model="k25-test", messages=msgs, temperature=0.7)
+    assert [(s["temperature"], s["top_p"]) for s in backend.sampling] == [(0.0, 0.9), (0.0, 0.9), (0.7, 0.9)]
+    with ServerThread(create_app(backend, strict_kimi_api=True)) as srv:
+        backend.outputs = ["</think>4.<|im_end|>"]
+        openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0).chat.completions.create(
+            model="k25-test", messages=msgs)
+    assert (backend.sampling[-1]["temperature"], backend.sampling[-1]["top_p"]) == (1.0, 0.95)
+    path.write_text(json.dumps({"temperature": 0.3}))
+    assert SamplingDefaults.from_generation_config(path) == SamplingDefaults(0.3, 0.3, 0.95)
+    for bad, message in (({"temperature": "hot"}, "temperature must be a number"), ({"top_p": 2}, "top_p must be"),
+                         ({"do_sample": "no"}, "do_sample must be true or false"), ([1], "expected a JSON object")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=message):
+            SamplingDefaults.from_generation_config(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match="generation_config.json: not valid JSON"):
+        SamplingDefaults.from_generation_config(path)
+
+
 def test_tool_call_round_trip_ids_numbered_across_the_conversation(client, backend):
     backend.outputs = ["Need the tool.</think>" + CALL]
     r = client.chat.completions.create(model="k25-test", messages=[{"role": "user", "content": "Paris?"}],

@@ -371,7 +371,7 @@ def create_app(
         try:
             req = parse_body(ChatCompletionRequest, await _body(request))
             _check_model(req.model)
-            plan = plan_chat(req, strict=state.strict)
+            plan = plan_chat(req, strict=state.strict, defaults=getattr(backend, "sampling_defaults", None))
             items, videos = [], []
             if _has_media(plan.messages):
                 if not getattr(backend, "supports_media", False):

@@ -21,13 +21,15 @@ from ..engine.engine import LLMEngine, RequestOutput
 from ..engine.sampling import SamplingParams
 from ..model.multimodal import K25ForConditionalGeneration
 from .backend import QueueFullError, StepOutput
+from .protocol import SamplingDefaults
 
 
 class EngineBackend:
     """Serve `engine` to asyncio callers; at most `max_waiting` requests wait before 429s."""
 
     def __init__(self, engine: LLMEngine, tokenizer: KimiTokenizer, model_name: str, max_waiting: int = 64,
-                 max_model_len: int | None = None, vision_model: K25ForConditionalGeneration | None = None) -> None:
+                 max_model_len: int | None = None, vision_model: K25ForConditionalGeneration | None = None,
+                 sampling_defaults: SamplingDefaults | None = None) -> None:
         if engine.tokenizer is None:
             engine.tokenizer = tokenizer
         self.engine = engine
@@ -38,6 +40,8 @@ class EngineBackend:
         # The multimodal model whose vision tower encodes media (its language model is the engine's).
         self.vision_model = vision_model
         self.supports_media = vision_model is not None
+        # The checkpoint's generation_config.json defaults (None: K2.5's model card).
+        self.sampling_defaults = sampling_defaults
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._delivered: dict[str, int] = {}

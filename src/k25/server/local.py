@@ -34,6 +34,7 @@ def load_backend(
     from ..engine.engine import EngineConfig, LLMEngine
     from ..model.multimodal import K25ForConditionalGeneration
     from .engine_backend import EngineBackend
+    from .protocol import SamplingDefaults
 
     directory = Path(directory)
     if not (directory / "tiktoken.model").exists():
@@ -43,8 +44,9 @@ def load_backend(
     vision_model = full if isinstance(full, K25ForConditionalGeneration) else None
     engine = LLMEngine(text_model(full), EngineConfig(cache_tokens=cache_tokens, max_num_seqs=max_num_seqs),
                        tokenizer=tokenizer)
+    defaults = SamplingDefaults.from_generation_config(directory / "generation_config.json")
     return EngineBackend(engine, tokenizer, name, max_waiting=max_waiting, max_model_len=max_model_len,
-                         vision_model=vision_model)
+                         vision_model=vision_model, sampling_defaults=defaults)
 
 
 class AppThread:

@@ -3,13 +3,17 @@
 Pydantic parses the body; :func:`plan_chat` then applies K2.5's semantics: Thinking by default,
 Instant through the official `thinking: {"type": "disabled"}` or vLLM's
 `chat_template_kwargs: {"thinking": false}`, per-mode default sampling from the model card
-(temperature 1.0 / 0.6, top_p 0.95), and — with `strict` — the official platform's rules.
+(temperature 1.0 / 0.6, top_p 0.95) unless the checkpoint's `generation_config.json` sets its own
+(:class:`SamplingDefaults`), and — with `strict` — the official platform's rules.
 Every rejection is an :class:`APIError` carrying the OpenAI error shape and the offending param.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +23,54 @@ from ..chat.template import missing_reasoning
 THINKING_TEMPERATURE = 1.0
 INSTANT_TEMPERATURE = 0.6
 DEFAULT_TOP_P = 0.95
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a chat request that names no temperature / top_p gets: K2.5's model card unless the checkpoint says.
+
+    As vLLM does with a model's ``generation_config.json``: its ``temperature`` and ``top_p`` become
+    the defaults in both modes, and ``do_sample: false`` means greedy (temperature 0). A request's
+    own values always win.
+    """
+
+    thinking_temperature: float = THINKING_TEMPERATURE
+    instant_temperature: float = INSTANT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+
+    @classmethod
+    def from_generation_config(cls, path: str | os.PathLike[str]) -> SamplingDefaults:
+        """The defaults of a ``generation_config.json`` (K2.5's own when the file is absent or silent)."""
+        path = Path(path)
+        if not path.exists():
+            return cls()
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+
+        def number(key: str, low: float, high: float) -> float | None:
+            value = cfg.get(key)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{path}: {key} must be a number in [{low}, {high}], got {value!r}")
+            return float(value)
+
+        temperature, top_p = number("temperature", 0.0, 2.0), number("top_p", 0.0, 1.0)
+        do_sample = cfg.get("do_sample")
+        if do_sample is not None and not isinstance(do_sample, bool):
+            raise ValueError(f"{path}: do_sample must be true or false, got {do_sample!r}")
+        if do_sample is False:
+            temperature = 0.0
+        out = cls()
+        if temperature is not None:
+            out = cls(temperature, temperature, out.top_p)
+        if top_p is not None:
+            out = cls(out.thinking_temperature, out.instant_temperature, top_p)
+        return out
 
 
 class APIError(Exception):
@@ -173,8 +225,10 @@ def _mode(req: ChatCompletionRequest, strict: bool) -> bool:
     return bool(kwargs.get("thinking", True))
 
 
-def plan_chat(req: ChatCompletionRequest, *, strict: bool = False) -> ChatPlan:
-    """Apply the K2.5 rules to a parsed chat request."""
+def plan_chat(
+    req: ChatCompletionRequest, *, strict: bool = False, defaults: SamplingDefaults | None = None
+) -> ChatPlan:
+    """Apply the K2.5 rules to a parsed chat request (``defaults``: the checkpoint's sampling defaults)."""
     _check_messages(req.messages)
     if req.tools:
         _check_tools(req.tools)
@@ -182,8 +236,12 @@ def plan_chat(req: ChatCompletionRequest, *, strict: bool = False) -> ChatPlan:
     if req.n != 1:
         raise APIError("n: only n=1 is supported; send several requests instead", param="n")
     json_schema = _response_schema(req)
-    default_temperature = THINKING_TEMPERATURE if thinking else INSTANT_TEMPERATURE
-    if strict:
+    defaults = defaults or SamplingDefaults()
+    default_temperature = defaults.thinking_temperature if thinking else defaults.instant_temperature
+    default_top_p = defaults.top_p
+    if strict:  # the official platform's fixed values, whatever the checkpoint says
+        default_temperature = THINKING_TEMPERATURE if thinking else INSTANT_TEMPERATURE
+        default_top_p = DEFAULT_TOP_P
         fixed = {"temperature": default_temperature, "top_p": DEFAULT_TOP_P, "presence_penalty": 0.0,
                  "frequency_penalty": 0.0}
         for name, value in fixed.items():
@@ -217,7 +275,7 @@ def plan_chat(req: ChatCompletionRequest, *, strict: bool = False) -> ChatPlan:
         raise APIError(f"tool_choice={tool_choice!r}: expected auto, none, required or a function", param="tool_choice")
     elif tool_choice == "required" and not req.tools:
         raise APIError("tool_choice='required' needs tools", param="tool_choice")
-    sampling = sampling_fields(req, temperature=default_temperature, top_p=DEFAULT_TOP_P,
+    sampling = sampling_fields(req, temperature=default_temperature, top_p=default_top_p,
                                logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     return ChatPlan(
         thinking=thinking,
