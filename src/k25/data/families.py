@@ -293,13 +293,18 @@ def sample_python(rng: random.Random, world: World) -> Sample:
 # Document search.
 
 
+def _query(town: Town, attribute: str) -> str:
+    """The search query the traces write for one fact: the town's name and the attribute's keyword."""
+    return f"{town.name} {ATTRIBUTES[attribute][1]}"
+
+
 def _search(
     chat: Chat, tools: Tools, rng: random.Random, town: Town, attribute: str, plan: str, transient: float,
     ks: tuple[int, ...] = (1, 2, 3, 3),
 ) -> str:
     """Search for one fact (retrying once after an injected outage); returns the quoted sentence."""
     k = rng.choice(ks)
-    args = {"query": f"{town.name} {ATTRIBUTES[attribute][1]}", "k": k}
+    args = {"query": _query(town, attribute), "k": k}
     if rng.random() < transient:
         tools.fail_next = TRANSIENT_ERRORS["search"]
         chat.call(plan, [("search", args)], tools, failed=True)
@@ -441,7 +446,7 @@ def _subagent_run(
     chat.user(prompt)
     years = [t.founded for t in towns]
     if parallel and len(towns) == 2:
-        calls = [("search", {"query": f"{t.name} {ATTRIBUTES['founded'][1]}", "k": rng.choice((1, 2))})
+        calls = [("search", {"query": _query(t, "founded"), "k": rng.choice((1, 2))})
                  for t in towns]
         for town, out in zip(towns, chat.call(f"I will search for {towns[0].name} and {towns[1].name}.", calls,
                                               tools), strict=True):
