@@ -490,9 +490,13 @@ class _SwarmTask:
     question: str
     template: str  # a part's sub-agent prompt, with {{item}} for its label
 
+    def key(self, family: str) -> str:
+        return f"{family}:{self.kind}:{self.goal}:{'|'.join(self.labels)}"
+
     @property
-    def key(self) -> str:
-        return f"swarm:{self.kind}:{self.goal}:{'|'.join(self.labels)}"
+    def what(self) -> str:
+        """What the parts are, in the orchestrator's reasoning."""
+        return "towns" if self.kind == "ages" else "pairs"
 
     def prompt(self, label: str) -> str:
         return self.template.replace("{{item}}", label)
@@ -581,7 +585,7 @@ def sample_swarm(rng: random.Random, world: World) -> Sample:
     with ``assign_task`` in one turn, and combines the answers in its reasoning.
     """
     task = _draw_swarm_task(rng, world)
-    parts, labels, key = task.parts, task.labels, task.key
+    parts, labels, key = task.parts, task.labels, task.key("swarm")
     prompts = [task.prompt(lab) for lab in labels]
     chat = Chat(tool_schemas(*ORCHESTRATOR_TOOLS), True, system=ORCHESTRATOR_PROMPT)
     chat.user(task.question)
@@ -596,7 +600,7 @@ def sample_swarm(rng: random.Random, world: World) -> Sample:
             return creations[args["name"]]
         return answers[args["prompt"]]
 
-    what = "towns" if task.kind == "ages" else "pairs"
+    what = task.what
     plan = f"The {len(parts)} {what} are independent, so I will research them in parallel. " + (
         "One researcher sub-agent can take every part." if shared else "I will create one researcher per part."
     )
@@ -632,7 +636,7 @@ def sample_swarm_batch(rng: random.Random, world: World) -> Sample:
     (``swarm_batch_sub``) search both towns of a pair in one turn.
     """
     task = _draw_swarm_task(rng, world)
-    key = task.key.replace("swarm:", "swarm_batch:", 1)
+    key = task.key("swarm_batch")
     chat = Chat(tool_schemas(*ORCHESTRATOR_TOOLS, *SWARM_WORKER_TOOLS), True, system=ORCHESTRATOR_PROMPT)
     chat.user(task.question)
     agent = "town_researcher"
@@ -653,7 +657,7 @@ def sample_swarm_batch(rng: random.Random, world: World) -> Sample:
             return batch_result(args["items"], outcomes)
         return tools(name, args)
 
-    what = "towns" if task.kind == "ages" else "pairs"
+    what = task.what
     chat.call(f"The {len(task.parts)} {what} are independent, so one researcher sub-agent can take them all in "
               "parallel.", [("create_subagent", {"name": agent, "system_prompt": _RESEARCHER_PROMPT})], run_tool)
     chat.call(f"I run the same task for each of the {len(task.parts)} {what} in one batch.",
