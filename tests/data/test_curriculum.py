@@ -145,7 +145,7 @@ def test_arithmetic_answers_and_every_step_are_correct(cur):
 
 
 def test_tool_answers_come_from_the_tool_results(cur):
-    for fam in ("tool_calc", "tool_python", "tool_search", "agent", "swarm_sub", "swarm_batch_sub"):
+    for fam in ("tool_calc", "tool_python", "tool_search", "agent", "agent_docs", "swarm_sub", "swarm_batch_sub"):
         for rec in records(cur, fam):
             results = [m["content"] for m in rec["messages"] if m["role"] == "tool"]
             assert results and str(rec["answer"]) in "\n".join(results) + rec["answer"], rec["id"]
@@ -155,6 +155,20 @@ def test_tool_answers_come_from_the_tool_results(cur):
     for rec in recovered:  # the failed call's result is an error, and the next call differs or retries
         turn = rec["meta"]["failed_turns"][0]
         assert rec["messages"][turn + 1]["content"].startswith(("Error", "[stderr]", "[no output]", "[]"))
+
+
+def test_agent_docs_declares_what_k25_agent_docs_declares(cur, tmp_path):
+    """The tool list is byte-for-byte the CLI's (``default_tools(docs=...)``); the tasks are the agent family's."""
+    from k25.agents.builtin import default_tools
+
+    (tmp_path / "a.txt").write_text("A town.\n")
+    cli = [t.spec() for t in default_tools(docs=tmp_path)]
+    docs, agent = list(records(cur, "agent_docs")), list(records(cur, "agent"))
+    assert docs and all(r["tools"] == cli for r in docs)
+    assert all(r["tools"] == cli[:3] for r in agent)  # the agent family: the same, without open_document
+    assert not any(c["function"]["name"] == "open_document"
+                   for r in docs for m in r["messages"] for c in m.get("tool_calls") or [])
+    assert {r["meta"]["kind"] for r in docs} == {r["meta"]["kind"] for r in agent}
 
 
 def test_swarm_traces(cur):

@@ -71,9 +71,10 @@ def test_schemas_are_the_runtime_tools():
     from k25.agents.builtin import DocumentSearch, code_interpreter
 
     specs = runtime_specs()
-    assert set(specs) == {"calculator", PYTHON_TOOL, "search", "create_subagent", "assign_task", "assign_batch"}
-    search = DocumentSearch.__new__(DocumentSearch).tools()[0].spec()
-    assert specs["search"] == search
+    assert set(specs) == {"calculator", PYTHON_TOOL, "search", "open_document", "create_subagent", "assign_task",
+                          "assign_batch"}
+    search, open_document = (t.spec() for t in DocumentSearch.__new__(DocumentSearch).tools())
+    assert specs["search"] == search and specs["open_document"] == open_document
     assert specs[PYTHON_TOOL]["function"]["parameters"] == code_interpreter().spec()["function"]["parameters"]
     assert specs["calculator"]["function"]["parameters"]["required"] == ["expression"]
     assert specs["create_subagent"]["function"]["parameters"]["required"] == ["name", "system_prompt"]

@@ -260,3 +260,19 @@ def test_bad_input_gives_clear_errors(curriculum, checkpoint, tmp_path, capsys):
     no_corpus = tmp_path / "no-corpus"
     shutil.copytree(root / "tool_search", no_corpus / "tool_search")
     assert "corpus does not exist" in error(str(tmp_path / "no-model"), "--data", str(no_corpus))
+
+
+def test_toolkit_runs_open_document_over_the_data_corpus(curriculum):
+    """``agent_docs`` declares open_document: the eval runs it on the same index as search."""
+    import asyncio
+
+    from k25.eval.tools import ToolKit
+
+    root, _ = curriculum
+    kit = ToolKit(root)
+    hits = json.loads(asyncio.run(kit.tool("search")({"query": "town", "k": 1})).content)
+    doc = asyncio.run(kit.tool("open_document")({"doc_id": hits[0]["doc_id"]}))
+    assert not doc.is_error and hits[0]["snippet"].split()[0] in doc.content
+    assert kit._documents() is kit._documents()
+    missing = asyncio.run(kit.tool("open_document")({"doc_id": "nope.txt"}))
+    assert missing.is_error and "no document with id 'nope.txt'" in missing.content

@@ -297,8 +297,9 @@ def default_tools(
     """The usual kit: the calculator, the interpreter (sharing the workspace folder when there is one), file
     tools, search.
 
-    Calculator, interpreter, search is the order k25-mini's curriculum declares them in (its ``agent``
-    family), so the built-in model sees the tool list it was trained on.
+    Calculator, interpreter, search (and ``open_document`` with ``docs``) is the order k25-mini's
+    curriculum declares them in (its ``agent`` and ``agent_docs`` families), so the built-in model sees
+    the tool list it was trained on.
     """
     out: list[Tool] = []
     if calculator:

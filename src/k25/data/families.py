@@ -347,8 +347,16 @@ def sample_search(rng: random.Random, world: World) -> Sample:
 # Multi-step agent tasks: several sequential tool calls.
 
 
-def sample_agent(rng: random.Random, world: World) -> Sample:
-    """Search several facts one call at a time, then compute with the calculator or Python."""
+AGENT_DOCS_TOOLS = ("calculator", PYTHON_TOOL, "search", "open_document")  # what `k25 agent --docs DIR` declares
+
+
+def sample_agent(rng: random.Random, world: World, family: str = "agent") -> Sample:
+    """Search several facts one call at a time, then compute with the calculator or Python.
+
+    ``agent_docs`` is the same task under the tool list ``k25 agent --docs`` declares, which adds
+    ``open_document``: the snippets already hold the whole document, so it is declared and never
+    needed, and the model learns that an extra tool changes nothing.
+    """
     kind = rng.choice(("total_population", "years_between", "average_population", "age_in", "prime_population"))
     n = {"total_population": 2, "years_between": 2, "average_population": 3}.get(kind, 1)
     split, towns = world.draw_towns(rng, n)
@@ -365,7 +373,8 @@ def sample_agent(rng: random.Random, world: World) -> Sample:
         question = f"How many years old will {names[0]} be in {year}?"
     else:
         question = f"Is the population of {names[0]} a prime number?"
-    chat = Chat(tool_schemas("calculator", PYTHON_TOOL, "search"), rng.random() >= INSTANT_FRACTION)
+    declared = AGENT_DOCS_TOOLS if family == "agent_docs" else AGENT_DOCS_TOOLS[:3]
+    chat = Chat(tool_schemas(*declared), rng.random() >= INSTANT_FRACTION)
     tools = Tools(world)
     chat.user(question)
     values = []
@@ -389,7 +398,7 @@ def sample_agent(rng: random.Random, world: World) -> Sample:
         out = chat.call(f"{facts} I will test it for primality with Python.", call, tools)[0]
         answer = {"True": "yes", "False": "no"}[out]
         final = f"Yes, {values[0]} is a prime number." if answer == "yes" else f"No, {values[0]} is not a prime number."
-        rec = record("agent", chat, answer, "text", f"agent:{kind}:{names[0]}", kind=kind, towns=names)
+        rec = record(family, chat, answer, "text", f"{family}:{kind}:{names[0]}", kind=kind, towns=names)
         return _finish(chat, rec, f"Python printed {out}.", final, split)
     if kind == "total_population":
         expression = f"{values[0]} + {values[1]}"
@@ -408,8 +417,8 @@ def sample_agent(rng: random.Random, world: World) -> Sample:
         final = f"The average population is {result}."
     else:
         final = f"In {year}, {names[0]} will be {result} years old."
-    key = f"agent:{kind}:{':'.join(sorted(names))}:{year if kind == 'age_in' else ''}"
-    rec = record("agent", chat, result, "number", key, kind=kind, towns=names)
+    key = f"{family}:{kind}:{':'.join(sorted(names))}:{year if kind == 'age_in' else ''}"
+    rec = record(family, chat, result, "number", key, kind=kind, towns=names)
     return _finish(chat, rec, f"The calculator returned {result}.", final, split)
 
 
@@ -417,7 +426,12 @@ def _finish(chat: Chat, rec: dict[str, Any], reasoning: str, final: str, split: 
     chat.answer(reasoning, final)
     rec["meta"]["tool_calls"] = chat.tool_calls
     rec["meta"]["critical_steps"] = sum(1 for m in chat.messages if m["role"] == "assistant")
-    return Sample(rec["meta"]["key"], {"agent": [rec]}, split=split)
+    return Sample(rec["meta"]["key"], {rec["family"]: [rec]}, split=split)
+
+
+def sample_agent_docs(rng: random.Random, world: World) -> Sample:
+    """The agent task under ``k25 agent --docs``'s tool list (see :func:`sample_agent`)."""
+    return sample_agent(rng, world, "agent_docs")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def runtime_specs() -> dict[str, dict[str, Any]]:
     from ..agents.swarm import Swarm, _SwarmRun
 
     search = DocumentSearch.__new__(DocumentSearch)  # schemas only: no corpus is needed
-    specs = [calculator_tool().spec(), code_interpreter(_Unused()).spec(), search.tools()[0].spec()]
+    specs = [calculator_tool().spec(), code_interpreter(_Unused()).spec(), *(t.spec() for t in search.tools())]
     with tempfile.TemporaryDirectory() as tmp:
         run = _SwarmRun(Swarm(_Unused()), Path(tmp), None)  # type: ignore[arg-type]
         specs += [t.spec() for t in run.orchestrator_tools()]

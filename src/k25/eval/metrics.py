@@ -18,7 +18,7 @@ TARGET_VALIDITY = 0.99
 TARGET_TOOL_ARITHMETIC = 0.90
 TOOL_ARITHMETIC_FAMILY = "tool_calc"
 # Families with tools whose records come in both modes (the comparison splits them by mode).
-TOOL_FAMILIES = ("tool_calc", "tool_python", "tool_search", "agent", "swarm", "swarm_sub", "swarm_batch",
+TOOL_FAMILIES = ("tool_calc", "tool_python", "tool_search", "agent", "agent_docs", "swarm", "swarm_sub", "swarm_batch",
                  "swarm_batch_sub")
 
 

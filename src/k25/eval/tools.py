@@ -48,18 +48,14 @@ class ToolKit:
         self.data_dir = Path(data_dir)
         self._sandbox = sandbox
         self._tools: dict[str, Tool] = {}
+        self._docs: Any = None
         self.warnings: list[str] = []
 
     def _build(self, name: str) -> Tool:
         if name == "calculator":
             return calculator_tool()
-        if name == "search":
-            from ..agents.builtin import DocumentSearch
-
-            corpus = self.data_dir / "corpus"
-            if not corpus.is_dir():
-                raise EvalError(f"{corpus} does not exist: the search tool needs the corpus `k25 data generate` writes")
-            return DocumentSearch(corpus).tools()[0]
+        if name in ("search", "open_document"):
+            return next(t for t in self._documents().tools() if t.name == name)
         if name == PYTHON_TOOL:
             from ..agents.builtin import code_interpreter
             from ..agents.sandbox import Sandbox
@@ -71,7 +67,18 @@ class ToolKit:
 
             return dataclasses.replace(base, fn=run)
         raise EvalError(f"the data declares a tool {name!r} that k25 eval cannot run "
-                        f"(known: calculator, {PYTHON_TOOL}, search and the swarm's orchestrator tools)")
+                        f"(known: calculator, {PYTHON_TOOL}, search, open_document and the swarm's orchestrator tools)")
+
+    def _documents(self) -> Any:
+        """The runtime's DocumentSearch over ``DIR/corpus`` (one index for ``search`` and ``open_document``)."""
+        if self._docs is None:
+            from ..agents.builtin import DocumentSearch
+
+            corpus = self.data_dir / "corpus"
+            if not corpus.is_dir():
+                raise EvalError(f"{corpus} does not exist: the search tool needs the corpus `k25 data generate` writes")
+            self._docs = DocumentSearch(corpus)
+        return self._docs
 
     def tool(self, name: str) -> Tool:
         """The tool called ``name``."""
