@@ -335,3 +335,25 @@ def test_copy_family_copies_names_beyond_the_training_towns(cur):
                 (real if item in towns else invented).add(item)
         assert set(rec["meta"]["towns"]) == {w for w in rec["answer"].split() if w in towns}
     assert len(invented) >= 2 * N and real and not real & held and not invented & towns
+
+
+def test_avoid_names_of_drops_records_that_name_another_corpus(tmp_path, capsys):
+    """New names for training: records naming a town of another corpus go; the rest are kept as drawn."""
+    from k25.data.corpus import Corpus
+    from k25.data.generate import corpus_names
+
+    other = tmp_path / "other"
+    write(generate(seed=8, n_per_family=2, families=["tool_search"], corpus_size=120), other)
+    names = corpus_names(other)
+    assert names == [t.name for t in Corpus.build(8, 120).towns]
+    fams = ["tool_search", "agent_docs"]
+    plain = generate(seed=9, n_per_family=40, n_heldout=0, families=fams, corpus_size=120)
+    clash = set(names) & {t.name for t in plain.corpus.towns}
+    assert clash, "the two corpora should share a few names for this test to mean anything"
+    kept = generate(seed=9, n_per_family=40, n_heldout=0, families=fams, corpus_size=120, avoid_names=names)
+    for fam in fams:
+        before, after = plain.records[fam]["train"], kept.records[fam]["train"]
+        named = [r for r in before if any(re.search(rf"\b{n}\b", json.dumps(r["messages"])) for n in clash)]
+        assert named and after == [r for r in before if r not in named]
+    assert main(["data", "generate", "--out", str(tmp_path / "x"), "--avoid-names-of", str(tmp_path / "nope")]) != 0
+    assert "nope/corpus.jsonl does not exist" in capsys.readouterr().err

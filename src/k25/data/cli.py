@@ -11,7 +11,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .generate import ALL_FAMILIES, FAMILIES, FAMILY_DESCRIPTIONS, FAMILY_GROUPS, DataError, generate, write
+from .generate import (
+    ALL_FAMILIES,
+    FAMILIES,
+    FAMILY_DESCRIPTIONS,
+    FAMILY_GROUPS,
+    DataError,
+    corpus_names,
+    generate,
+    write,
+)
 from .records import check_record, plain_text, read_jsonl, training_segments
 from .text import TextSourceError
 from .vision import check_images
@@ -27,7 +36,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from ..chat.tokenizer import KimiTokenizer
 
         tokenizer = KimiTokenizer.from_pretrained(args.tokenizer)
-    cur = generate(args.seed, args.n_per_family, args.n_heldout, _families(args.families), args.corpus_size)
+    avoid = corpus_names(args.avoid_names_of) if args.avoid_names_of else ()
+    cur = generate(args.seed, args.n_per_family, args.n_heldout, _families(args.families), args.corpus_size, avoid)
     stats = write(cur, args.out, tokenizer)
     print(f"wrote {args.out} (seed {args.seed}, {stats['corpus_documents']} corpus documents)")
     header = f"{'family':<14}{'train':>8}{'heldout':>9}{'tool calls':>12}{'recoveries':>12}{'chars':>12}"
@@ -139,6 +149,9 @@ def register(subparsers: Any) -> None:
                    help=f"comma-separated families or groups ({', '.join(FAMILY_GROUPS)}; default: "
                         f"{','.join(FAMILIES)}); known: {','.join(ALL_FAMILIES)}")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory: also count tokens in stats")
+    p.add_argument("--avoid-names-of", metavar="DIR", default=None,
+                   help="a `k25 data generate` directory: drop the records that name any town of its corpus "
+                        "(training data with new names that cannot touch DIR's held-out towns)")
     p.set_defaults(func=_guard(cmd_generate))
 
     p = sub.add_parser("check", help="validate a generated directory (parsers, schemas, split disjointness)")

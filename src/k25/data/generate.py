@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import random
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,11 +141,14 @@ def generate(
     n_heldout: int | None = None,
     families: Iterable[str] | None = None,
     corpus_size: int = DEFAULT_CORPUS_SIZE,
+    avoid_names: Iterable[str] = (),
 ) -> Curriculum:
     """Draw ``n_per_family`` train and ``n_heldout`` (default 10%, at least 1) held-out tasks per family.
 
     Families emitted alongside another (``arith_instant``, ``swarm_sub``, ``swarm_batch_sub``) follow their
     task's count: the same problems in Instant mode; every sub-agent of every swarm trace.
+    ``avoid_names`` (another corpus's towns) drops, after drawing, every record whose messages name
+    one of them, so a family may come out short; the ids keep their gaps.
     """
     if n_per_family < 1:
         raise DataError(f"n_per_family must be at least 1, got {n_per_family}")
@@ -189,7 +193,28 @@ def generate(
             if fam in wanted:
                 cur.records[fam] = out[fam]
     cur.records = {f: cur.records[f] for f in ALL_FAMILIES if f in cur.records}
+    clash = sorted(set(avoid_names) & world.town_names)
+    if clash:
+        named = re.compile(r"\b(?:" + "|".join(map(re.escape, clash)) + r")\b")
+        for by_split in cur.records.values():
+            for split, recs in by_split.items():
+                by_split[split] = [r for r in recs if not named.search(json.dumps(r["messages"]))]
     return cur
+
+
+def corpus_names(data_dir: str | Path) -> list[str]:
+    """The town names of a data directory's ``corpus.jsonl`` (what ``--avoid-names-of DIR`` avoids)."""
+    path = Path(data_dir) / "corpus.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: --avoid-names-of needs a `k25 data generate` output directory")
+    names = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                names.append(json.loads(line)["title"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{i}: not a corpus record with a 'title' ({e})") from None
+    return names
 
 
 def dumps(record: dict[str, Any]) -> str:
