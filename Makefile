@@ -89,6 +89,14 @@ MINI_EF_EVAL = --eval-data $(MINI_EVAL) $(MINI_VEVAL) $(R)/cdata/copy/heldout.js
 # since half the batch traces are longer than 1,024 tokens
 MINI_B_SFT = $(K25) train sft $(MINI_VISION) $(filter-out $(R)/mix/swarm.jsonl $(R)/mix/swarm_sub.jsonl,$(MINI_SFT)) \
   $(R)/qdata/copy_quoted/train.jsonl $(R)/bdata/swarm_batch/train.jsonl $(R)/bdata/swarm_batch_sub/first2000.jsonl
+# phases 8-9 (run 9): replay-heavier, less swarm (1,200 batch traces and sub-agents), Python and search doubled,
+# the agent tasks under `k25 agent --docs`'s tools, and the extra search/agent records about towns with new names
+# (seeds 1 and 2, dropping any that name a town of the seed-0 corpus the evaluation uses)
+D := $(R)/ddata
+MINI_N_SFT = $(K25) train sft $(MINI_VISION) $(filter-out $(R)/mix/swarm.jsonl $(R)/mix/swarm_sub.jsonl,$(MINI_SFT)) \
+  $(R)/qdata/copy_quoted/train.jsonl $(R)/bdata/swarm_batch/first1200.jsonl $(R)/bdata/swarm_batch_sub/first1200.jsonl \
+  $(R)/ndata1/tool_search/train.jsonl $(R)/ndata2/tool_search/train.jsonl $(D)/tool_python/second1000.jsonl \
+  $(R)/ndata1/agent_docs/train.jsonl $(R)/ndata2/agent_docs/train.jsonl
 k25-mini-train:
 	# 1. copying first, from random init: the copy family only, 300 steps, then 150 more (a second run)
 	$(K25) train sft $(R)/cdata/copy/train.jsonl --eval-data $(R)/cdata/copy/heldout.jsonl --pack --model k25-mini \
@@ -138,8 +146,26 @@ k25-mini-train:
 	  --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat7
 	test -f $(R)/k25-mini7/config.json || $(K25) quantize $(R)/qat7/checkpoints/step-00000030 $(R)/k25-mini7 \
 	  --dtype bfloat16
+	# 8. run 9: SFT from run 7's INT4 export on the rebalanced mixture (300 steps, cosine from 0.0007, seed 8), then
+	#    9. QAT again and the INT4 export that ships
+	test -f $(D)/stats.json || $(K25) data generate --out $(D) --seed 0 --n-per-family 4000 \
+	  --families agent_docs,tool_search,tool_python
+	tail -n 2000 $(D)/tool_python/train.jsonl | head -n 1000 > $(D)/tool_python/second1000.jsonl
+	head -n 1200 $(R)/bdata/swarm_batch/train.jsonl > $(R)/bdata/swarm_batch/first1200.jsonl
+	head -n 1200 $(R)/bdata/swarm_batch_sub/train.jsonl > $(R)/bdata/swarm_batch_sub/first1200.jsonl
+	for s in 1 2; do test -f $(R)/ndata$$s/stats.json || $(K25) data generate --out $(R)/ndata$$s --seed $$s \
+	  --n-per-family 1000 --n-heldout 0 --families tool_search,agent_docs --avoid-names-of $(M)/data; done
+	$(MINI_N_SFT) --eval-data $(MINI_EVAL) $(R)/vdata/vision_read/heldout.jsonl $(R)/cdata/copy/heldout.jsonl \
+	  $(R)/bdata/swarm_batch/heldout.jsonl $(D)/agent_docs/heldout.jsonl --pack --model $(R)/k25-mini7 $(MINI_COMMON) \
+	  --seq-len 1536 --batch-size 3 --steps 300 --lr 0.0007 --vision-lr 0.0003 --warmup-steps 10 --schedule cosine \
+	  --seed 8 --eval-every 100 --eval-batches 4 --save-every 50 --out $(R)/nsft
+	$(MINI_N_SFT) --eval-data $(MINI_EVAL) $(R)/bdata/swarm_batch/heldout.jsonl --pack --qat int4 \
+	  --model $(R)/nsft/checkpoints/step-00000300 $(MINI_COMMON) --seq-len 1536 --batch-size 3 --steps 30 --lr 0.0005 \
+	  --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat9
+	test -f $(R)/k25-mini9/config.json || $(K25) quantize $(R)/qat9/checkpoints/step-00000030 $(R)/k25-mini9 \
+	  --dtype bfloat16
 	# greedy by default when served (its figures are greedy); a request's temperature still wins
-	printf '{\n  "do_sample": false\n}\n' > $(R)/k25-mini7/generation_config.json
+	printf '{\n  "do_sample": false\n}\n' > $(R)/k25-mini9/generation_config.json
 
 lint: install
 	$(BIN)/ruff check src tests
