@@ -347,7 +347,8 @@ def sample_search(rng: random.Random, world: World) -> Sample:
 # Multi-step agent tasks: several sequential tool calls.
 
 
-AGENT_DOCS_TOOLS = ("calculator", PYTHON_TOOL, "search", "open_document")  # what `k25 agent --docs DIR` declares
+AGENT_TOOLS = ("calculator", PYTHON_TOOL, "search")  # what `k25 agent` declares (k25.agents.default_tools)
+AGENT_DOCS_TOOLS = (*AGENT_TOOLS, "open_document")  # ... with --docs DIR
 
 
 def sample_agent(rng: random.Random, world: World, family: str = "agent") -> Sample:
@@ -373,7 +374,7 @@ def sample_agent(rng: random.Random, world: World, family: str = "agent") -> Sam
         question = f"How many years old will {names[0]} be in {year}?"
     else:
         question = f"Is the population of {names[0]} a prime number?"
-    declared = AGENT_DOCS_TOOLS if family == "agent_docs" else AGENT_DOCS_TOOLS[:3]
+    declared = AGENT_DOCS_TOOLS if family == "agent_docs" else AGENT_TOOLS
     chat = Chat(tool_schemas(*declared), rng.random() >= INSTANT_FRACTION)
     tools = Tools(world)
     chat.user(question)
