@@ -207,14 +207,16 @@ def corpus_names(data_dir: str | Path) -> list[str]:
     path = Path(data_dir) / "corpus.jsonl"
     if not path.is_file():
         raise DataError(f"{path} does not exist: --avoid-names-of needs a `k25 data generate` output directory")
-    names = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            try:
-                names.append(json.loads(line)["title"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{i}: not a corpus record with a 'title' ({e})") from None
-    return names
+    from .records import read_jsonl
+
+    try:
+        records = list(read_jsonl(path))
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    untitled = next((i for i, r in enumerate(records, 1) if not isinstance(r, dict) or "title" not in r), None)
+    if untitled is not None:
+        raise DataError(f"{path}: record {untitled} is not a corpus record (no 'title')")
+    return [r["title"] for r in records]
 
 
 def dumps(record: dict[str, Any]) -> str:

@@ -17,11 +17,14 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..agents.tools import Tool, Toolset
 from ..data.tools import PYTHON_TOOL, calculator_tool
 from .model import EvalError
+
+if TYPE_CHECKING:
+    from ..agents.builtin import DocumentSearch
 
 _STDERR = re.compile(r"(?:^|\n)\[stderr\]\n(.*?)(?=\n\[(?:exit code |stopped: |files in the working directory: )|\Z)",
                      re.S)
@@ -48,7 +51,7 @@ class ToolKit:
         self.data_dir = Path(data_dir)
         self._sandbox = sandbox
         self._tools: dict[str, Tool] = {}
-        self._docs: Any = None
+        self._docs: DocumentSearch | None = None
         self.warnings: list[str] = []
 
     def _build(self, name: str) -> Tool:
@@ -69,7 +72,7 @@ class ToolKit:
         raise EvalError(f"the data declares a tool {name!r} that k25 eval cannot run "
                         f"(known: calculator, {PYTHON_TOOL}, search, open_document and the swarm's orchestrator tools)")
 
-    def _documents(self) -> Any:
+    def _documents(self) -> DocumentSearch:
         """The runtime's DocumentSearch over ``DIR/corpus`` (one index for ``search`` and ``open_document``)."""
         if self._docs is None:
             from ..agents.builtin import DocumentSearch
