@@ -145,7 +145,8 @@ def test_arithmetic_answers_and_every_step_are_correct(cur):
 
 
 def test_tool_answers_come_from_the_tool_results(cur):
-    for fam in ("tool_calc", "tool_python", "tool_search", "agent", "agent_docs", "swarm_sub", "swarm_batch_sub"):
+    for fam in ("tool_calc", "tool_calc_agent", "tool_python", "tool_search", "agent", "agent_docs", "swarm_sub",
+                "swarm_batch_sub"):
         for rec in records(cur, fam):
             results = [m["content"] for m in rec["messages"] if m["role"] == "tool"]
             assert results and str(rec["answer"]) in "\n".join(results) + rec["answer"], rec["id"]
@@ -169,6 +170,20 @@ def test_agent_docs_declares_what_k25_agent_docs_declares(cur, tmp_path):
     assert not any(c["function"]["name"] == "open_document"
                    for r in docs for m in r["messages"] for c in m.get("tool_calls") or [])
     assert {r["meta"]["kind"] for r in docs} == {r["meta"]["kind"] for r in agent}
+
+
+def test_tool_calc_agent_declares_what_plain_k25_agent_declares(cur):
+    """The calculator tasks under ``default_tools()``'s list, byte for byte; still solved by the calculator alone."""
+    from k25.agents.builtin import default_tools
+
+    cli = [t.spec() for t in default_tools()]
+    agent, calc = list(records(cur, "tool_calc_agent")), list(records(cur, "tool_calc"))
+    assert agent and all(r["tools"] == cli for r in agent)
+    assert all(r["tools"] == cli[:1] for r in calc)  # tool_calc: the calculator alone
+    called = {c["function"]["name"] for r in agent for m in r["messages"] for c in m.get("tool_calls") or []}
+    assert called == {"calculator"}
+    assert {r["meta"]["failure"] for r in agent} >= {None, "transient"}
+    assert all(split_of(r["meta"]["key"]) == r["split"] for r in agent)  # the same problem: the same split
 
 
 def test_swarm_traces(cur):

@@ -36,6 +36,11 @@ INSTANT_FRACTION = 0.25  # tool-use records written in Instant mode
 RECOVERY_FRACTION = 0.25  # tool-use records whose first call fails and is then corrected
 TRANSIENT_FAILURE = 0.1  # per call, in agent traces: a tool error that a plain retry fixes
 CURRENT_YEAR = 2026
+# The tool lists `k25 agent` declares (k25.agents.default_tools): plain, and with --docs DIR; the agent family's
+# list is the second without open_document.
+AGENT_PLAIN_TOOLS = ("calculator", PYTHON_TOOL)
+AGENT_TOOLS = (*AGENT_PLAIN_TOOLS, "search")
+AGENT_DOCS_TOOLS = (*AGENT_TOOLS, "open_document")
 
 # Injected outages, worded as the runtime reports a tool timing out (k25.agents.tools.Tool.__call__).
 TRANSIENT_ERRORS = {
@@ -169,10 +174,15 @@ def _bad_expression(rng: random.Random, p: Problem) -> tuple[str, str, str] | No
     return rng.choice(options) if options else None
 
 
-def sample_calculator(rng: random.Random, world: World) -> Sample:
-    """A large-number problem solved with one calculator call, sometimes after a failed call."""
+def sample_calculator(rng: random.Random, world: World, family: str = "tool_calc") -> Sample:
+    """A large-number problem solved with one calculator call, sometimes after a failed call.
+
+    ``tool_calc_agent`` is the same task under the tool list plain ``k25 agent`` declares (the calculator
+    and the interpreter): with the interpreter on offer too, a sum is still the calculator's job.
+    """
     p = sample_problem(rng, big=True)
-    chat = Chat(tool_schemas("calculator"), rng.random() >= INSTANT_FRACTION)
+    declared = AGENT_PLAIN_TOOLS if family == "tool_calc_agent" else ("calculator",)
+    chat = Chat(tool_schemas(*declared), rng.random() >= INSTANT_FRACTION)
     tools = Tools(world)
     chat.user(p.question)
     plan = f"This needs {p.expression}. The numbers are large, so I will use the calculator."
@@ -194,8 +204,13 @@ def sample_calculator(rng: random.Random, world: World) -> Sample:
     if result != p.answer:
         raise AssertionError(f"calculator gave {result} for {p.expression}, expected {p.answer}")
     chat.answer(f"The calculator returned {result}.", p.final)
-    rec = record("tool_calc", chat, p.answer, "number", p.key, kind=p.kind, failure=failure)
-    return Sample(p.key, {"tool_calc": [rec]})
+    rec = record(family, chat, p.answer, "number", p.key, kind=p.kind, failure=failure)
+    return Sample(p.key, {family: [rec]})
+
+
+def sample_calculator_agent(rng: random.Random, world: World) -> Sample:
+    """The calculator task under ``k25 agent``'s default tool list (see :func:`sample_calculator`)."""
+    return sample_calculator(rng, world, "tool_calc_agent")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,10 +360,6 @@ def sample_search(rng: random.Random, world: World) -> Sample:
 
 # ---------------------------------------------------------------------------------------------
 # Multi-step agent tasks: several sequential tool calls.
-
-
-AGENT_TOOLS = ("calculator", PYTHON_TOOL, "search")  # what `k25 agent` declares (k25.agents.default_tools)
-AGENT_DOCS_TOOLS = (*AGENT_TOOLS, "open_document")  # ... with --docs DIR
 
 
 def sample_agent(rng: random.Random, world: World, family: str = "agent") -> Sample:

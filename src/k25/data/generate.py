@@ -30,6 +30,7 @@ from .families import (
     sample_agent_docs,
     sample_arithmetic,
     sample_calculator,
+    sample_calculator_agent,
     sample_python,
     sample_search,
     sample_swarm,
@@ -47,6 +48,7 @@ STALE_DRAWS = 3000  # give up when this many draws in a row bring no new task
 SOURCES: dict[str, tuple[Sampler, tuple[str, ...]]] = {
     "arithmetic": (sample_arithmetic, ("arith_think", "arith_instant")),
     "calculator": (sample_calculator, ("tool_calc",)),
+    "calculator_agent": (sample_calculator_agent, ("tool_calc_agent",)),
     "python": (sample_python, ("tool_python",)),
     "search": (sample_search, ("tool_search",)),
     "agent": (sample_agent, ("agent",)),
@@ -71,6 +73,7 @@ FAMILY_DESCRIPTIONS = {
     "arith_think": "arithmetic and word problems, steps in reasoning_content, short answer (Thinking)",
     "arith_instant": "the same problems answered directly (Instant)",
     "tool_calc": "large-number problems via calculator(expression), incl. failed-call recovery",
+    "tool_calc_agent": "the tool_calc problems under `k25 agent`'s tools (the interpreter declared too)",
     "tool_python": "counting/number tasks via python(code), incl. fixing a failing program",
     "tool_search": "facts about generated towns via search(query, k), incl. a misspelled/failed search",
     "agent": "several sequential searches, then the calculator or Python",
