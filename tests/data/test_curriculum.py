@@ -145,17 +145,22 @@ def test_arithmetic_answers_and_every_step_are_correct(cur):
 
 
 def test_tool_answers_come_from_the_tool_results(cur):
-    for fam in ("tool_calc", "tool_calc_agent", "tool_python", "tool_search", "agent", "agent_docs", "swarm_sub",
-                "swarm_batch_sub"):
+    for fam in ("tool_calc", "tool_calc_agent", "tool_python", "tool_search", "tool_search_check", "agent",
+                "agent_docs", "swarm_sub", "swarm_batch_sub"):
         for rec in records(cur, fam):
             results = [m["content"] for m in rec["messages"] if m["role"] == "tool"]
             assert results and str(rec["answer"]) in "\n".join(results) + rec["answer"], rec["id"]
             assert score_answer(rec, rec["messages"][-1]["content"]), rec["id"]
     recovered = [r for r in records(cur) if r["meta"].get("failed_turns")]
     assert {r["family"] for r in recovered} >= {"tool_calc", "tool_python", "tool_search"}
-    for rec in recovered:  # the failed call's result is an error, and the next call differs or retries
+    for rec in recovered:  # the failed call's result is an error (or other towns' hits), and the next call differs
         turn = rec["meta"]["failed_turns"][0]
-        assert rec["messages"][turn + 1]["content"].startswith(("Error", "[stderr]", "[no output]", "[]"))
+        result = rec["messages"][turn + 1]["content"]
+        if rec["meta"].get("failure") == "wrong_hits":
+            hits = json.loads(result)
+            assert hits and all(rec["meta"]["towns"][0] not in h["snippet"] for h in hits), rec["id"]
+        else:
+            assert result.startswith(("Error", "[stderr]", "[no output]", "[]"))
 
 
 def test_agent_docs_declares_what_k25_agent_docs_declares(cur, tmp_path):
@@ -184,6 +189,39 @@ def test_tool_calc_agent_declares_what_plain_k25_agent_declares(cur):
     assert called == {"calculator"}
     assert {r["meta"]["failure"] for r in agent} >= {None, "transient"}
     assert all(split_of(r["meta"]["key"]) == r["split"] for r in agent)  # the same problem: the same split
+
+
+def split_of_town(cur, name):
+    from k25.data.families import World
+
+    world = World(cur.corpus)
+    return next(split for split, towns in world.pools.items() if name in {t.name for t in towns})
+
+
+def test_tool_search_check_misspells_then_reads_the_hits(cur):
+    """The first query holds a one-letter slip of the name, or a look-alike training town's name, next to
+    the keyword, gets other towns' documents (named in the reasoning that follows, in Thinking mode), and
+    the second query is right."""
+    recs = list(records(cur, "tool_search_check"))
+    assert {r["meta"]["wrong_name"] for r in recs} == {"typo", "lookalike"}
+    for rec in recs:
+        town, typo = rec["meta"]["towns"][0], rec["meta"]["typo"]
+        calls = [c["function"]["arguments"] for m in rec["messages"] for c in m.get("tool_calls") or []]
+        first, second = (json.loads(a)["query"] for a in calls)
+        assert first.startswith(typo + " ") and second.startswith(town + " ") and typo != town
+        names = {t.name for t in cur.corpus.towns}
+        hits = json.loads(rec["messages"][2]["content"])
+        if rec["meta"]["wrong_name"] == "typo":
+            assert abs(len(typo) - len(town)) <= 1 and typo not in names
+        else:  # a look-alike training town (never a held-out one in a training record): its document comes first
+            assert typo in names and hits[0]["snippet"].startswith(f"{typo} {typo} is a town")
+            assert split_of_town(cur, typo) == "train"
+        turn = rec["meta"]["failed_turns"]
+        assert turn == [1]  # the misspelled call is context, not a target
+        named = [h["snippet"].split()[0] for h in hits]
+        if rec["mode"] == "thinking":  # Instant mode writes no reasoning: it only searches again
+            assert all(n in rec["messages"][3]["reasoning_content"] for n in named), rec["id"]
+        assert score_answer(rec, rec["messages"][-1]["content"])
 
 
 def test_swarm_traces(cur):

@@ -7,6 +7,7 @@ and each sub-agent's own conversation. Every number, tool result and final answe
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -330,16 +331,31 @@ def _search(
     return _fact_sentence(town, attribute)
 
 
+def _search_chat(rng: random.Random, world: World, town: Town, attribute: str) -> tuple[Chat, Tools, str, str]:
+    """The search task's conversation up to its first call: the chat, its tools, the question, the plan."""
+    chat = Chat(tool_schemas("search"), rng.random() >= INSTANT_FRACTION)
+    question = rng.choice(ATTRIBUTES[attribute][0]).format(town=town.name)
+    chat.user(question)
+    return chat, Tools(world), question, f"I do not know this; I will search the documents for {town.name}."
+
+
+def _search_sample(
+    family: str, chat: Chat, town: Town, attribute: str, sentence: str, question: str, split: str, **meta: Any
+) -> Sample:
+    """The answer quoting the found sentence, and the search task's record."""
+    key = f"search:{town.name}:{attribute}"
+    value = town.fact(attribute)
+    chat.answer(f'The document says: "{sentence}"', _FINAL_FACT[attribute].format(town=town.name, value=value))
+    answer_type = "number" if attribute in ("founded", "population") else "text"
+    rec = record(family, chat, value, answer_type, key, towns=[town.name], attribute=attribute, **meta)
+    return Sample(key, {family: [rec]}, uid=f"{key}:{question}", split=split)
+
+
 def sample_search(rng: random.Random, world: World) -> Sample:
     """A fact about a town, found with one search (sometimes after a misspelled or failed search)."""
     split, (town,) = world.draw_towns(rng, 1)
     attribute = rng.choice(list(ATTRIBUTES))
-    key = f"search:{town.name}:{attribute}"
-    chat = Chat(tool_schemas("search"), rng.random() >= INSTANT_FRACTION)
-    tools = Tools(world)
-    question = rng.choice(ATTRIBUTES[attribute][0]).format(town=town.name)
-    chat.user(question)
-    plan = f"I do not know this; I will search the documents for {town.name}."
+    chat, tools, question, plan = _search_chat(rng, world, town, attribute)
     failure = None
     if rng.random() < RECOVERY_FRACTION:
         typo = town.name[:2] + town.name[3:]
@@ -351,11 +367,63 @@ def sample_search(rng: random.Random, world: World) -> Sample:
         else:
             failure = "transient"
     sentence = _search(chat, tools, rng, town, attribute, plan, 1.0 if failure == "transient" else 0.0)
-    value = town.fact(attribute)
-    chat.answer(f'The document says: "{sentence}"', _FINAL_FACT[attribute].format(town=town.name, value=value))
-    answer_type = "number" if attribute in ("founded", "population") else "text"
-    rec = record("tool_search", chat, value, answer_type, key, towns=[town.name], attribute=attribute, failure=failure)
-    return Sample(key, {"tool_search": [rec]}, uid=f"{key}:{question}", split=split)
+    return _search_sample("tool_search", chat, town, attribute, sentence, question, split, failure=failure)
+
+
+def _misspell(rng: random.Random, name: str, taken: frozenset[str]) -> str:
+    """``name`` with one letter dropped, doubled or changed (never another town's name): the slips
+    k25-mini makes when it copies a name it has never seen into a query."""
+    while True:
+        i = rng.randrange(1, len(name))
+        kind = rng.choice(("drop", "double", "change"))
+        if kind == "drop":
+            typo = name[:i] + name[i + 1 :]
+        elif kind == "double":
+            typo = name[:i] + name[i] + name[i:]
+        else:
+            typo = name[:i] + rng.choice([c for c in "aeiourlnst" if c != name[i].lower()]) + name[i + 1 :]
+        if typo != name and typo not in taken:
+            return typo
+
+
+def _wrong_name(rng: random.Random, world: World, town: Town) -> tuple[str, str]:
+    """A name the first query gets wrong: a training town's that looks like ``town``'s, or a one-letter slip."""
+    if rng.random() < 0.5:
+        others = [t.name for t in world.pools["train"] if t.name != town.name]
+        close = difflib.get_close_matches(town.name, others, n=3, cutoff=0.6)
+        if close:
+            return rng.choice(close), "lookalike"
+    return _misspell(rng, town.name, world.town_names), "typo"
+
+
+def sample_search_check(rng: random.Random, world: World) -> Sample:
+    """A search whose first query gets the town's name wrong, next to the attribute's keyword.
+
+    Half the time the query names a training town that looks like the asked one (the hits are that
+    town's), else a one-letter slip of the name (the keyword still matches every document, so the hits
+    are the documents it ranks first, not ``[]`` as for ``tool_search``'s misspelled names alone): the
+    model has to read the hits' names, see that none is the town it was asked about, and search again
+    with the name as the question spells it. The failed turn is context, not a target.
+    """
+    by_doc = {Corpus.doc_id(t): t.name for t in world.corpus.towns}
+    while True:  # the keyword alone ranks a few documents first; a town among them cannot be missed
+        split, (town,) = world.draw_towns(rng, 1)
+        attribute = rng.choice(list(ATTRIBUTES))
+        typo, kind = _wrong_name(rng, world, town)
+        wrong = {"query": f"{typo} {ATTRIBUTES[attribute][1]}", "k": rng.choice((1, 2, 3, 3))}
+        found = [by_doc[h["doc_id"]] for h in json.loads(world.corpus.search_tool(wrong["query"], wrong["k"]))]
+        if found and town.name not in found:
+            break
+    chat, tools, question, plan = _search_chat(rng, world, town, attribute)
+    hits = json.loads(chat.call(plan, [("search", wrong)], tools, failed=True)[0])
+    if [by_doc[h["doc_id"]] for h in hits] != found:
+        raise AssertionError(f"search {wrong} gave {hits} in the conversation and {found} before it")
+    about = found[0] if len(found) == 1 else ", ".join(found[:-1]) + " and " + found[-1]
+    plan = (f"The hits are about {about}, not {town.name}: I wrote {typo} for {town.name}. "
+            f"Searching for {town.name} instead.")
+    sentence = _search(chat, tools, rng, town, attribute, plan, 0.0)
+    return _search_sample("tool_search_check", chat, town, attribute, sentence, question, split,
+                          failure="wrong_hits", typo=typo, wrong_name=kind)
 
 
 # ---------------------------------------------------------------------------------------------

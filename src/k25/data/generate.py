@@ -33,6 +33,7 @@ from .families import (
     sample_calculator_agent,
     sample_python,
     sample_search,
+    sample_search_check,
     sample_swarm,
     sample_swarm_batch,
 )
@@ -51,6 +52,7 @@ SOURCES: dict[str, tuple[Sampler, tuple[str, ...]]] = {
     "calculator_agent": (sample_calculator_agent, ("tool_calc_agent",)),
     "python": (sample_python, ("tool_python",)),
     "search": (sample_search, ("tool_search",)),
+    "search_check": (sample_search_check, ("tool_search_check",)),
     "agent": (sample_agent, ("agent",)),
     "agent_docs": (sample_agent_docs, ("agent_docs",)),
     "swarm": (sample_swarm, ("swarm", "swarm_sub")),
@@ -76,6 +78,7 @@ FAMILY_DESCRIPTIONS = {
     "tool_calc_agent": "the tool_calc problems under `k25 agent`'s tools (the interpreter declared too)",
     "tool_python": "counting/number tasks via python(code), incl. fixing a failing program",
     "tool_search": "facts about generated towns via search(query, k), incl. a misspelled/failed search",
+    "tool_search_check": "searches whose first query misspells the town: other towns' hits, noticed, searched again",
     "agent": "several sequential searches, then the calculator or Python",
     "agent_docs": "the agent tasks under `k25 agent --docs`'s tools (open_document declared too)",
     "swarm": "orchestrator: create_subagent, parallel assign_task, combine",

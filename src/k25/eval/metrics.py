@@ -18,8 +18,8 @@ TARGET_VALIDITY = 0.99
 TARGET_TOOL_ARITHMETIC = 0.90
 TOOL_ARITHMETIC_FAMILY = "tool_calc"
 # Families with tools whose records come in both modes (the comparison splits them by mode).
-TOOL_FAMILIES = ("tool_calc", "tool_calc_agent", "tool_python", "tool_search", "agent", "agent_docs", "swarm",
-                 "swarm_sub", "swarm_batch", "swarm_batch_sub")
+TOOL_FAMILIES = ("tool_calc", "tool_calc_agent", "tool_python", "tool_search", "tool_search_check", "agent",
+                 "agent_docs", "swarm", "swarm_sub", "swarm_batch", "swarm_batch_sub")
 
 
 def _mean(values: Sequence[float]) -> float | None:
