@@ -38,9 +38,10 @@ run: install
 	  $(BIN)/k25 serve out/tiny-random --port $(PORT) --served-model-name k25-tiny-random; \
 	fi
 
-# Reproduce the shipped k25-mini from nothing (run 7: copying, pretraining, a tower aligned to the pretrained embeddings,
+# Reproduce the shipped k25-mini from nothing (run 10: copying, pretraining, a tower aligned to the pretrained embeddings,
 # then SFT with the pictures mixed in from its first step, QAT and run 6's export; then SFT with the swarm's batch form,
-# QAT and the export that ships, $(R)/k25-mini7; ~3 h 10 min alone; the model card,
+# QAT and run 7's export; then two more SFT + QAT rounds (runs 9 and 10) with data about towns with new names, the last
+# export, $(R)/k25-mini10, is the one that ships; ~4 h 30 min alone; the model card,
 # src/k25/weights/k25-mini/README.md, records every phase with its time and figures; docs/k25-mini.md has the
 # earlier runs). Resumable: rerun after an interruption. (The phases that changed since run 3d write to new
 # directories, e.g. $(R)/esft, so a checkout that ran an earlier recipe does not resume the wrong run.)
@@ -97,6 +98,11 @@ MINI_N_SFT = $(K25) train sft $(MINI_VISION) $(filter-out $(R)/mix/swarm.jsonl $
   $(R)/qdata/copy_quoted/train.jsonl $(R)/bdata/swarm_batch/first1200.jsonl $(R)/bdata/swarm_batch_sub/first1200.jsonl \
   $(R)/ndata1/tool_search/train.jsonl $(R)/ndata2/tool_search/train.jsonl $(D)/tool_python/second1000.jsonl \
   $(R)/ndata1/agent_docs/train.jsonl $(R)/ndata2/agent_docs/train.jsonl
+# phases 10-11 (run 10): run 9's mixture + the swarm's batch form about towns with new names (seeds 1, 2: all the
+# traces, 800 sub-agents each) + the calculator tasks under plain `k25 agent`'s tools (tool_calc_agent, 1,500)
+MINI_W_SFT = $(MINI_N_SFT) $(R)/sdata1/swarm_batch/train.jsonl $(R)/sdata2/swarm_batch/train.jsonl \
+  $(R)/sdata1/swarm_batch_sub/first800.jsonl $(R)/sdata2/swarm_batch_sub/first800.jsonl \
+  $(R)/edata/tool_calc_agent/first1500.jsonl
 k25-mini-train:
 	# 1. copying first, from random init: the copy family only, 300 steps, then 150 more (a second run)
 	$(K25) train sft $(R)/cdata/copy/train.jsonl --eval-data $(R)/cdata/copy/heldout.jsonl --pack --model k25-mini \
@@ -164,8 +170,26 @@ k25-mini-train:
 	  --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat9
 	test -f $(R)/k25-mini9/config.json || $(K25) quantize $(R)/qat9/checkpoints/step-00000030 $(R)/k25-mini9 \
 	  --dtype bfloat16
+	# 10. run 10: SFT from run 9's INT4 export with the new-name swarm traces and tool_calc_agent added (300 steps,
+	#     cosine from 0.0007, seed 10), then 11. QAT again and the INT4 export that ships
+	test -f $(R)/edata/stats.json || $(K25) data generate --out $(R)/edata --seed 0 --n-per-family 2000 \
+	  --families tool_calc_agent
+	head -n 1500 $(R)/edata/tool_calc_agent/train.jsonl > $(R)/edata/tool_calc_agent/first1500.jsonl
+	for s in 1 2; do test -f $(R)/sdata$$s/stats.json || $(K25) data generate --out $(R)/sdata$$s --seed $$s \
+	  --n-per-family 1000 --n-heldout 0 --families swarm_batch,swarm_batch_sub --avoid-names-of $(M)/data; \
+	  head -n 800 $(R)/sdata$$s/swarm_batch_sub/train.jsonl > $(R)/sdata$$s/swarm_batch_sub/first800.jsonl; done
+	$(MINI_W_SFT) --eval-data $(MINI_EVAL) $(R)/vdata/vision_read/heldout.jsonl $(R)/cdata/copy/heldout.jsonl \
+	  $(R)/bdata/swarm_batch/heldout.jsonl $(D)/agent_docs/heldout.jsonl $(R)/edata/tool_calc_agent/heldout.jsonl \
+	  --pack --model $(R)/k25-mini9 $(MINI_COMMON) --seq-len 1536 --batch-size 3 --steps 300 --lr 0.0007 \
+	  --vision-lr 0.0003 --warmup-steps 10 --schedule cosine --seed 10 --eval-every 100 --eval-batches 4 \
+	  --save-every 50 --out $(R)/wsft
+	$(MINI_W_SFT) --eval-data $(MINI_EVAL) $(R)/bdata/swarm_batch/heldout.jsonl --pack --qat int4 \
+	  --model $(R)/wsft/checkpoints/step-00000300 $(MINI_COMMON) --seq-len 1536 --batch-size 3 --steps 30 --lr 0.0005 \
+	  --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat10
+	test -f $(R)/k25-mini10/config.json || $(K25) quantize $(R)/qat10/checkpoints/step-00000030 $(R)/k25-mini10 \
+	  --dtype bfloat16
 	# greedy by default when served (its figures are greedy); a request's temperature still wins
-	printf '{\n  "do_sample": false\n}\n' > $(R)/k25-mini9/generation_config.json
+	printf '{\n  "do_sample": false\n}\n' > $(R)/k25-mini10/generation_config.json
 
 lint: install
 	$(BIN)/ruff check src tests
