@@ -24,6 +24,7 @@ from k25.data import (
     training_segments,
     write,
 )
+from k25.data.families import World
 
 HAS_KJV = importlib.util.find_spec("bible") is not None
 FAMS = [f for f in FAMILIES if HAS_KJV or f != "text"]
@@ -191,31 +192,25 @@ def test_tool_calc_agent_declares_what_plain_k25_agent_declares(cur):
     assert all(split_of(r["meta"]["key"]) == r["split"] for r in agent)  # the same problem: the same split
 
 
-def split_of_town(cur, name):
-    from k25.data.families import World
-
-    world = World(cur.corpus)
-    return next(split for split, towns in world.pools.items() if name in {t.name for t in towns})
-
-
 def test_tool_search_check_misspells_then_reads_the_hits(cur):
     """The first query holds a one-letter slip of the name, or a look-alike training town's name, next to
     the keyword, gets other towns' documents (named in the reasoning that follows, in Thinking mode), and
     the second query is right."""
     recs = list(records(cur, "tool_search_check"))
     assert {r["meta"]["wrong_name"] for r in recs} == {"typo", "lookalike"}
+    names = {t.name for t in cur.corpus.towns}
+    train_towns = {t.name for t in World(cur.corpus).pools["train"]}
     for rec in recs:
         town, typo = rec["meta"]["towns"][0], rec["meta"]["typo"]
         calls = [c["function"]["arguments"] for m in rec["messages"] for c in m.get("tool_calls") or []]
         first, second = (json.loads(a)["query"] for a in calls)
         assert first.startswith(typo + " ") and second.startswith(town + " ") and typo != town
-        names = {t.name for t in cur.corpus.towns}
         hits = json.loads(rec["messages"][2]["content"])
         if rec["meta"]["wrong_name"] == "typo":
             assert abs(len(typo) - len(town)) <= 1 and typo not in names
         else:  # a look-alike training town (never a held-out one in a training record): its document comes first
             assert typo in names and hits[0]["snippet"].startswith(f"{typo} {typo} is a town")
-            assert split_of_town(cur, typo) == "train"
+            assert typo in train_towns
         turn = rec["meta"]["failed_turns"]
         assert turn == [1]  # the misspelled call is context, not a target
         named = [h["snippet"].split()[0] for h in hits]
