@@ -131,6 +131,7 @@ class Corpus:
     def __init__(self, towns: list[Town]) -> None:
         self.towns = towns
         self.by_name = {t.name: t for t in towns}
+        self.by_doc = {self.doc_id(t): t for t in towns}  # what a search hit's doc_id names
         self._search: Any = None
 
     @classmethod

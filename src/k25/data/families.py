@@ -405,18 +405,18 @@ def sample_search_check(rng: random.Random, world: World) -> Sample:
     model has to read the hits' names, see that none is the town it was asked about, and search again
     with the name as the question spells it. The failed turn is context, not a target.
     """
-    by_doc = {Corpus.doc_id(t): t.name for t in world.corpus.towns}
+    by_doc = world.corpus.by_doc
     while True:  # the keyword alone ranks a few documents first; a town among them cannot be missed
         split, (town,) = world.draw_towns(rng, 1)
         attribute = rng.choice(list(ATTRIBUTES))
         typo, kind = _wrong_name(rng, world, town)
         wrong = {"query": f"{typo} {ATTRIBUTES[attribute][1]}", "k": rng.choice((1, 2, 3, 3))}
-        found = [by_doc[h["doc_id"]] for h in json.loads(world.corpus.search_tool(wrong["query"], wrong["k"]))]
+        found = [by_doc[h["doc_id"]].name for h in json.loads(world.corpus.search_tool(wrong["query"], wrong["k"]))]
         if found and town.name not in found:
             break
     chat, tools, question, plan = _search_chat(rng, world, town, attribute)
     hits = json.loads(chat.call(plan, [("search", wrong)], tools, failed=True)[0])
-    if [by_doc[h["doc_id"]] for h in hits] != found:
+    if [by_doc[h["doc_id"]].name for h in hits] != found:
         raise AssertionError(f"search {wrong} gave {hits} in the conversation and {found} before it")
     about = found[0] if len(found) == 1 else ", ".join(found[:-1]) + " and " + found[-1]
     plan = (f"The hits are about {about}, not {town.name}: I wrote {typo} for {town.name}. "
