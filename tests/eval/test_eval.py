@@ -12,6 +12,7 @@ from k25.chat.parsers import parse_output
 from k25.cli import main
 from k25.data import FAMILIES, generate, write
 from k25.eval import (
+    INVALID_KINDS,
     Completion,
     EngineGenerator,
     ReplayModel,
@@ -159,6 +160,7 @@ def test_each_mistake_lowers_its_own_metric(curriculum, kind):
     if kind == "wrong number":
         assert m["accuracy"] == 0.0
         assert m["valid_tool_calls"] == expected_calls
+        assert m["invalid_kinds"] == {} and "invalid:" not in markdown(report)
     else:  # the first call of each record is invalid; the run still recovers to the right answer
         assert m["accuracy"] == 1.0
         assert m["valid_tool_calls"] == expected_calls - m["n"]
@@ -167,6 +169,9 @@ def test_each_mistake_lowers_its_own_metric(curriculum, kind):
         word = {"malformed section": "tool_calls_section_end", "undeclared tool": "not declared",
                 "schema violation": "missing required argument 'expression'"}[kind]
         assert all(word in p for p in problems), problems
+        key = {"malformed section": "malformed", "undeclared tool": "undeclared", "schema violation": "arguments"}[kind]
+        assert m["invalid_kinds"] == report["overall"]["invalid_kinds"] == {key: m["n"]}
+        assert f"invalid: {m['n']} {INVALID_KINDS[key]}" in markdown(report)
     assert report["targets"][0]["met"] is (kind == "wrong number")
 
 
@@ -182,6 +187,12 @@ def test_turn_check_counts_a_malformed_section_without_calls_as_one_invalid_call
     bad_json = ok.replace('{"expression": "1 + 2"}', '{"expression": ')
     check = check_turn(parse_output(bad_json, thinking=False), tools)
     assert (check.calls, check.valid) == (1, 0) and "not valid JSON" in check.problems[0]
+    assert check.kinds == {"arguments": 1}
+    # A call left open: cut off when the token budget ended the turn, malformed when the model stopped.
+    open_call = ok.split('"1 + 2"')[0]
+    assert check_turn(parse_output(open_call, thinking=False), tools, cut_off=True).kinds == {"cut_off": 1}
+    assert check_turn(parse_output(open_call, thinking=False), tools).kinds == {"malformed": 1}
+    assert check_turn(parse_output(garbled, thinking=False), tools, cut_off=True).kinds == {"malformed": 1}
     # A reply cut off while reasoning is not a tool-call problem.
     assert check_turn(parse_output("still thinking", thinking=True), tools).calls == 0
 

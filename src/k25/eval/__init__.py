@@ -13,12 +13,22 @@ model is anything with ``generate(prompts) -> [Completion]`` (``EngineGenerator`
 
 from .harness import RecordResult, Settings, evaluate, load_records, run_chat_records, run_text_records
 from .metrics import summarize
-from .model import Batcher, Completion, EngineGenerator, EvalChatModel, EvalError, Generator, check_turn
+from .model import (
+    INVALID_KINDS,
+    Batcher,
+    Completion,
+    EngineGenerator,
+    EvalChatModel,
+    EvalError,
+    Generator,
+    check_turn,
+)
 from .replay import ReplayModel, injected_outage
 from .report import markdown, print_report
 from .tools import ToolKit, data_style_report
 
 __all__ = [
+    "INVALID_KINDS",
     "Batcher",
     "Completion",
     "EngineGenerator",

@@ -55,6 +55,7 @@ class RecordResult:
     valid_tool_calls: int = 0
     executed_tool_calls: int = 0
     invalid: list[str] = field(default_factory=list)
+    invalid_kinds: dict[str, int] = field(default_factory=dict)  # the invalid calls by INVALID_KINDS key
     truncated_turns: int = 0
     critical_steps: int | None = None
     single_agent_steps: int | None = None
@@ -168,6 +169,7 @@ async def run_record(record: dict[str, Any], batcher: Batcher, kit: ToolKit, set
     result.correct = score_answer(record, answer)
     result.tokens, result.reasoning_tokens = usage.completion_tokens, usage.reasoning_tokens
     result.tool_calls, result.valid_tool_calls, result.invalid = tally.calls, tally.valid, tally.problems
+    result.invalid_kinds = dict(tally.kinds)
     result.truncated_turns = tally.truncated
     return result
 

@@ -40,6 +40,14 @@ def mode_stats(results: Sequence[RecordResult]) -> dict[str, Any]:
     }
 
 
+def invalid_kinds(results: Sequence[RecordResult]) -> dict[str, int]:
+    """The invalid tool calls of some records by kind (cut off, malformed, undeclared, arguments)."""
+    total: Counter[str] = Counter()
+    for r in results:
+        total.update(r.invalid_kinds)
+    return dict(sorted(total.items()))
+
+
 def family_metrics(family: str, results: Sequence[RecordResult]) -> dict[str, Any]:
     """Everything reported for one family."""
     if family in TEXT_FAMILIES:
@@ -58,6 +66,7 @@ def family_metrics(family: str, results: Sequence[RecordResult]) -> dict[str, An
         "tool_calls": calls,
         "valid_tool_calls": valid,
         "tool_call_validity": _ratio(valid, calls),
+        "invalid_kinds": invalid_kinds(results),
         "executed_tool_calls": sum(r.executed_tool_calls for r in results),
         "mean_steps": _mean([r.steps for r in results]),
         "stop_reasons": dict(Counter(r.stop_reason for r in results)),
@@ -126,6 +135,7 @@ def summarize(
         "tool_calls": calls,
         "valid_tool_calls": sum(r.valid_tool_calls for r in chat),
         "tool_call_validity": _ratio(sum(r.valid_tool_calls for r in chat), calls),
+        "invalid_kinds": invalid_kinds(chat),
     }
     return {
         "info": dict(info or {}),

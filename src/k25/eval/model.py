@@ -16,6 +16,7 @@ conversations in flight into one ``generate`` call, so the engine batches them.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,16 @@ class Batcher:
 
 # Parser anomalies that are not about tool calls (a reply cut off while reasoning, text after the end).
 _NOT_TOOL_ERRORS = ("output ended inside reasoning", "text after the end of the message")
+_BAD_JSON = "arguments are not valid JSON"  # how the parser starts a call's error when only its JSON is wrong
+
+
+# Why a call is invalid, as the report counts it (the problems keep the full reasons).
+INVALID_KINDS = {
+    "cut_off": "cut off at the token or context limit",
+    "malformed": "malformed markers",
+    "undeclared": "undeclared tool",
+    "arguments": "arguments not JSON or not fitting the schema",
+}
 
 
 @dataclass
@@ -132,28 +143,41 @@ class TurnCheck:
     calls: int = 0
     valid: int = 0
     problems: list[str] = field(default_factory=list)
+    kinds: Counter[str] = field(default_factory=Counter)  # invalid calls by INVALID_KINDS key
 
 
-def check_turn(parsed: ParsedOutput, tools: Sequence[dict[str, Any]] | None) -> TurnCheck:
+def check_turn(parsed: ParsedOutput, tools: Sequence[dict[str, Any]] | None, cut_off: bool = False) -> TurnCheck:
     """Score the tool calls of one parsed turn against the declared tools.
 
     A call is valid when the parser found it well-formed (id, closing marker, JSON arguments), it
     names a declared tool and its arguments fit the schema (:func:`k25.data.check_tool_call`). A
     malformed tool-call section (stray or missing markers, text between calls) makes every call of
-    the turn invalid, and counts as one invalid call when it holds none.
+    the turn invalid, and counts as one invalid call when it holds none. ``cut_off`` says the
+    generation stopped at its token or context limit: a call it left open is then counted as cut
+    off rather than malformed, since the budget, not the model's format, ended it.
     """
     section = [e for e in parsed.errors if not e.startswith(("tool call ", *_NOT_TOOL_ERRORS))]
+    declared = {t["function"]["name"] for t in tools or () if t.get("type") == "function"}
     out = TurnCheck()
     for c in parsed.tool_calls:
         why = ([c.error] if c.error else []) + check_tool_call(c.name, c.arguments, tools) + section
         out.calls += 1
-        if why:
-            out.problems.append(f"{c.name or '(no name)'}: {'; '.join(why)}")
-        else:
+        if not why:
             out.valid += 1
+            continue
+        out.problems.append(f"{c.name or '(no name)'}: {'; '.join(why)}")
+        markers = c.error and not c.error.startswith(_BAD_JSON)  # the parser's own problem beyond the JSON
+        if markers and cut_off and c.error.startswith("output ended"):
+            out.kinds["cut_off"] += 1
+        elif markers or section:
+            out.kinds["malformed"] += 1
+        else:
+            out.kinds["undeclared" if c.name not in declared else "arguments"] += 1
     if section and not parsed.tool_calls:
         out.calls += 1
         out.problems.append(f"malformed tool-call section: {'; '.join(section)}")
+        ended = cut_off and any(e.startswith("output ended") for e in section)
+        out.kinds["cut_off" if ended else "malformed"] += 1
     return out
 
 
@@ -165,6 +189,7 @@ class Tally:
     calls: int = 0
     valid: int = 0
     problems: list[str] = field(default_factory=list)
+    kinds: Counter[str] = field(default_factory=Counter)
     truncated: int = 0  # turns that hit --max-tokens or the context length
 
     def add(self, check: TurnCheck, completion: Completion) -> None:
@@ -172,7 +197,13 @@ class Tally:
         self.calls += check.calls
         self.valid += check.valid
         self.problems += check.problems
-        self.truncated += completion.finish_reason in ("length", "context_full")
+        self.kinds.update(check.kinds)
+        self.truncated += is_cut_off(completion)
+
+
+def is_cut_off(completion: Completion) -> bool:
+    """Whether generation stopped at ``--max-tokens`` or the context length rather than by the model."""
+    return completion.finish_reason in ("length", "context_full")
 
 
 class EvalChatModel:
@@ -205,7 +236,7 @@ class EvalChatModel:
         prompt = render(messages, tools, thinking=self.thinking, add_generation_prompt=True)
         out = await self.batcher.complete(prompt, image_urls(messages), tools)
         parsed = parse_output(out.text, thinking=self.thinking)
-        self.tally.add(check_turn(parsed, tools), out)
+        self.tally.add(check_turn(parsed, tools, cut_off=is_cut_off(out)), out)
         message = parsed.to_message()
         base = next_tool_call_index(messages)
         for i, call in enumerate(message.get("tool_calls") or []):

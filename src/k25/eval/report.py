@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .model import INVALID_KINDS
+
 DASH = "—"
 
 
@@ -13,6 +15,20 @@ def _pct(value: float | None) -> str:
 
 def _num(value: float | None, digits: int = 1) -> str:
     return DASH if value is None else f"{value:.{digits}f}"
+
+
+def invalid_note(kinds: dict[str, int] | None) -> str:
+    """The invalid calls by kind, most common first, e.g. "5 cut off at the token or context limit"."""
+    items = sorted((kinds or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{n} {INVALID_KINDS.get(k, k)}" for k, n in items)
+
+
+def _overall(report: dict[str, Any]) -> str:
+    o = report["overall"]
+    why = invalid_note(o.get("invalid_kinds"))
+    return (f"{_pct(o['accuracy'])} accuracy over {o['chat_records']} conversations, "
+            f"{_pct(o['tool_call_validity'])} valid tool calls ({o['valid_tool_calls']}/{o['tool_calls']})"
+            + (f"; invalid: {why}" if why else ""))
 
 
 def family_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -30,6 +46,8 @@ def family_rows(report: dict[str, Any]) -> list[list[str]]:
         if "mean_critical_steps" in m:
             notes.append(f"critical steps {_num(m['mean_critical_steps'])} vs {_num(m['mean_single_agent_steps'])} "
                          f"single-agent; solved with fewer: {_pct(m['solved_with_fewer_critical_steps'])}")
+        if why := invalid_note(m.get("invalid_kinds")):
+            notes.append(f"invalid: {why}")
         if m["truncated_turns"]:
             notes.append(f"{m['truncated_turns']} turns cut at the token or context limit")
         unfinished = {k: v for k, v in m["stop_reasons"].items() if k != "answer"}
@@ -75,12 +93,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(aligns) + "|"]
         return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
 
-    o = report["overall"]
     info = report["info"]
     out = [f"### {_title(report)}", ""]
-    out += [f"Greedy decoding; at most {info.get('max_steps')} steps per conversation. Overall: "
-            f"{_pct(o['accuracy'])} accuracy over {o['chat_records']} conversations, "
-            f"{_pct(o['tool_call_validity'])} valid tool calls ({o['valid_tool_calls']}/{o['tool_calls']}).", ""]
+    out += [f"Greedy decoding; at most {info.get('max_steps')} steps per conversation. Overall: {_overall(report)}.",
+            ""]
     out += table(FAMILY_HEADER, family_rows(report), 5)
     if report["thinking_vs_instant"]:
         out += ["", "Thinking vs instant (same tasks):", ""]
@@ -108,11 +124,8 @@ def print_report(report: dict[str, Any], console: Any = None) -> None:
             t.add_row(*(Text(c) for c in row))  # plain text: cells may hold brackets
         return t
 
-    o = report["overall"]
     console.print(table(_title(report), FAMILY_HEADER, family_rows(report), 5))
-    console.print(f"overall: {_pct(o['accuracy'])} accuracy over {o['chat_records']} conversations, "
-                  f"{_pct(o['tool_call_validity'])} valid tool calls ({o['valid_tool_calls']}/{o['tool_calls']}); "
-                  f"{report['info'].get('seconds', 0)} s", highlight=False)
+    console.print(f"overall: {_overall(report)}; {report['info'].get('seconds', 0)} s", highlight=False)
     if report["thinking_vs_instant"]:
         console.print(table("thinking vs instant", MODE_HEADER, mode_rows(report), 6))
     console.print(table("targets", TARGET_HEADER, target_rows(report), 2))
