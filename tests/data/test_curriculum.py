@@ -14,6 +14,7 @@ from k25.chat.template import render, render_assistant_output
 from k25.cli import main
 from k25.data import (
     FAMILIES,
+    FAMILY_DESCRIPTIONS,
     DataError,
     check_record,
     generate,
@@ -340,6 +341,11 @@ def test_cli_generate_check_show(tmp_path, capsys):
     assert "at least 18 towns" in capsys.readouterr().err
     with pytest.raises(DataError, match="larger --corpus-size"):
         generate(0, 400, families=["tool_search"], corpus_size=18)
+    with pytest.raises(SystemExit):
+        main(["data", "generate", "--help"])
+    listing = capsys.readouterr().out
+    for name, description in FAMILY_DESCRIPTIONS.items():  # every name stands apart from its description
+        assert re.search(rf"^  {name} +{re.escape(description[:20])}", listing, re.M), name
 
 
 def test_copy_family_repeats_the_prompt_exactly(cur):

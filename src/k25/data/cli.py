@@ -133,7 +133,8 @@ def register(subparsers: Any) -> None:
     data = subparsers.add_parser("data", help="the synthetic training curriculum (generate, check, show)")
     sub = data.add_subparsers(dest="data_command", required=True)
 
-    listing = "\n".join(f"  {f:<14}{d}" for f, d in FAMILY_DESCRIPTIONS.items())
+    width = max(map(len, FAMILY_DESCRIPTIONS)) + 2
+    listing = "\n".join(f"  {f:<{width}}{d}" for f, d in FAMILY_DESCRIPTIONS.items())
     p = sub.add_parser(
         "generate",
         help="write FAMILY/{train,heldout}.jsonl, the corpus, tools.json and stats.json",
