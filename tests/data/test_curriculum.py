@@ -193,31 +193,41 @@ def test_tool_calc_agent_declares_what_plain_k25_agent_declares(cur):
     assert all(split_of(r["meta"]["key"]) == r["split"] for r in agent)  # the same problem: the same split
 
 
-def test_tool_search_check_misspells_then_reads_the_hits(cur):
-    """The first query holds a one-letter slip of the name, or a look-alike training town's name, next to
-    the keyword, gets other towns' documents (named in the reasoning that follows, in Thinking mode), and
-    the second query is right."""
+def test_tool_search_check_names_the_hits_towns_before_using_them(cur):
+    """Thinking mode; after every search the reasoning names the hits' towns (as the results rank them)
+    and says whether the asked town is among them: right hits are quoted, wrong ones (a one-letter slip
+    or a look-alike training town's name next to the keyword) searched again. Half start wrong."""
     recs = list(records(cur, "tool_search_check"))
-    assert {r["meta"]["wrong_name"] for r in recs} == {"typo", "lookalike"}
+    assert {r["mode"] for r in recs} == {"thinking"}
+    assert {r["meta"]["failure"] for r in recs} == {None, "wrong_hits"}
+    assert {r["meta"].get("wrong_name") for r in recs} == {None, "typo", "lookalike"}
     names = {t.name for t in cur.corpus.towns}
     train_towns = {t.name for t in World(cur.corpus).pools["train"]}
     for rec in recs:
-        town, typo = rec["meta"]["towns"][0], rec["meta"]["typo"]
-        calls = [c["function"]["arguments"] for m in rec["messages"] for c in m.get("tool_calls") or []]
-        first, second = (json.loads(a)["query"] for a in calls)
-        assert first.startswith(typo + " ") and second.startswith(town + " ") and typo != town
-        hits = json.loads(rec["messages"][2]["content"])
-        if rec["meta"]["wrong_name"] == "typo":
-            assert abs(len(typo) - len(town)) <= 1 and typo not in names
-        else:  # a look-alike training town (never a held-out one in a training record): its document comes first
-            assert typo in names and hits[0]["snippet"].startswith(f"{typo} {typo} is a town")
-            assert typo in train_towns
-        turn = rec["meta"]["failed_turns"]
-        assert turn == [1]  # the misspelled call is context, not a target
-        named = [h["snippet"].split()[0] for h in hits]
-        if rec["mode"] == "thinking":  # Instant mode writes no reasoning: it only searches again
-            assert all(n in rec["messages"][3]["reasoning_content"] for n in named), rec["id"]
-        assert score_answer(rec, rec["messages"][-1]["content"])
+        town = rec["meta"]["towns"][0]
+        msgs = rec["messages"]
+        calls = [json.loads(c["function"]["arguments"])["query"] for m in msgs for c in m.get("tool_calls") or []]
+        results = [json.loads(m["content"]) for m in msgs if m["role"] == "tool"]
+        # the reasoning after each search: the towns of its hits, in order, then the verdict
+        after = [m["reasoning_content"] for m in msgs[3::2] if m["role"] == "assistant"]
+        assert len(after) == len(results) == len(calls)
+        for hits, reasoning in zip(results, after, strict=True):
+            named = [h["snippet"].split()[0] for h in hits]
+            listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+            verdict = f": {town} is the town asked." if town in named else f", not {town}: "
+            assert reasoning.startswith(f"The hits are about {listed}{verdict}"), (rec["id"], reasoning)
+        assert calls[-1].startswith(town + " ") and town == results[-1][0]["snippet"].split()[0]
+        if rec["meta"]["failure"] is None:
+            assert len(calls) == 1 and rec["meta"]["failed_turns"] == []
+        else:
+            typo = rec["meta"]["typo"]
+            assert len(calls) == 2 and calls[0].startswith(typo + " ") and typo != town
+            assert rec["meta"]["failed_turns"] == [1]  # the misspelled call is context, not a target
+            if rec["meta"]["wrong_name"] == "typo":
+                assert abs(len(typo) - len(town)) <= 1 and typo not in names
+            else:  # a look-alike training town (never a held-out one in a training record): its document first
+                assert typo in names and typo in train_towns and results[0][0]["snippet"].startswith(f"{typo} {typo}")
+        assert score_answer(rec, msgs[-1]["content"])
 
 
 def test_swarm_traces(cur):

@@ -331,21 +331,30 @@ def _search(
     return _fact_sentence(town, attribute)
 
 
-def _search_chat(rng: random.Random, world: World, town: Town, attribute: str) -> tuple[Chat, Tools, str, str]:
-    """The search task's conversation up to its first call: the chat, its tools, the question, the plan."""
-    chat = Chat(tool_schemas("search"), rng.random() >= INSTANT_FRACTION)
+def _search_chat(
+    rng: random.Random, world: World, town: Town, attribute: str, thinking: bool | None = None
+) -> tuple[Chat, Tools, str, str]:
+    """The search task's conversation up to its first call: the chat, its tools, the question, the plan.
+
+    The mode is drawn (a quarter Instant) unless ``thinking`` sets it.
+    """
+    if thinking is None:
+        thinking = rng.random() >= INSTANT_FRACTION
+    chat = Chat(tool_schemas("search"), thinking)
     question = rng.choice(ATTRIBUTES[attribute][0]).format(town=town.name)
     chat.user(question)
     return chat, Tools(world), question, f"I do not know this; I will search the documents for {town.name}."
 
 
 def _search_sample(
-    family: str, chat: Chat, town: Town, attribute: str, sentence: str, question: str, split: str, **meta: Any
+    family: str, chat: Chat, town: Town, attribute: str, sentence: str, question: str, split: str,
+    check: str = "", **meta: Any
 ) -> Sample:
-    """The answer quoting the found sentence, and the search task's record."""
+    """The answer quoting the found sentence (after ``check``, a reasoning sentence), and the search task's record."""
     key = f"search:{town.name}:{attribute}"
     value = town.fact(attribute)
-    chat.answer(f'The document says: "{sentence}"', _FINAL_FACT[attribute].format(town=town.name, value=value))
+    reasoning = f'{check} The document says: "{sentence}"' if check else f'The document says: "{sentence}"'
+    chat.answer(reasoning, _FINAL_FACT[attribute].format(town=town.name, value=value))
     answer_type = "number" if attribute in ("founded", "population") else "text"
     rec = record(family, chat, value, answer_type, key, towns=[town.name], attribute=attribute, **meta)
     return Sample(key, {family: [rec]}, uid=f"{key}:{question}", split=split)
@@ -396,34 +405,57 @@ def _wrong_name(rng: random.Random, world: World, town: Town) -> tuple[str, str]
     return _misspell(rng, town.name, world.town_names), "typo"
 
 
-def sample_search_check(rng: random.Random, world: World) -> Sample:
-    """A search whose first query gets the town's name wrong, next to the attribute's keyword.
+def _hit_towns(corpus: Corpus, result: str) -> list[str]:
+    """The towns a search result's hits are about, in rank order."""
+    return [corpus.by_doc[h["doc_id"]].name for h in json.loads(result)]
 
-    Half the time the query names a training town that looks like the asked one (the hits are that
-    town's), else a one-letter slip of the name (the keyword still matches every document, so the hits
-    are the documents it ranks first, not ``[]`` as for ``tool_search``'s misspelled names alone): the
-    model has to read the hits' names, see that none is the town it was asked about, and search again
-    with the name as the question spells it. The failed turn is context, not a target.
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def sample_search_check(rng: random.Random, world: World) -> Sample:
+    """A search that reads whose documents the hits are before it uses them (Thinking mode).
+
+    The reasoning after every search names the hits' towns, then either finds the asked town among
+    them ("…: Pomoor is the town asked.") and quotes its document, or does not ("…, not Pomoor: I
+    wrote Pomoel for Pomoor.") and searches again. Both outcomes come from the same opening, so the
+    sentence alone cannot decide which follows: the model has to compare the names. (The family's
+    first version, which runs 11-13 trained on, wrote the check only on wrong hits, and a model this
+    size learnt to write it on right ones too; Instant mode, which has no reasoning to hold it,
+    learnt a second search without a reason.)
+
+    Half the records search right the first time. In the other half the first query gets the name
+    wrong next to the attribute's keyword: a training town that looks like the asked one (the hits
+    are that town's), else a one-letter slip of the name (the keyword still matches every document,
+    so the hits are the ones it ranks first, not ``[]`` as for ``tool_search``'s misspelled names
+    alone). That turn is context, not a target.
     """
-    by_doc = world.corpus.by_doc
+    corpus = world.corpus
+    wrong_first = rng.random() < 0.5
     while True:  # the keyword alone ranks a few documents first; a town among them cannot be missed
         split, (town,) = world.draw_towns(rng, 1)
         attribute = rng.choice(list(ATTRIBUTES))
+        if not wrong_first:
+            break
         typo, kind = _wrong_name(rng, world, town)
         wrong = {"query": f"{typo} {ATTRIBUTES[attribute][1]}", "k": rng.choice((1, 2, 3, 3))}
-        found = [by_doc[h["doc_id"]].name for h in json.loads(world.corpus.search_tool(wrong["query"], wrong["k"]))]
+        found = _hit_towns(corpus, corpus.search_tool(wrong["query"], wrong["k"]))
         if found and town.name not in found:
             break
-    chat, tools, question, plan = _search_chat(rng, world, town, attribute)
-    hits = json.loads(chat.call(plan, [("search", wrong)], tools, failed=True)[0])
-    if [by_doc[h["doc_id"]].name for h in hits] != found:
-        raise AssertionError(f"search {wrong} gave {hits} in the conversation and {found} before it")
-    about = found[0] if len(found) == 1 else ", ".join(found[:-1]) + " and " + found[-1]
-    plan = (f"The hits are about {about}, not {town.name}: I wrote {typo} for {town.name}. "
-            f"Searching for {town.name} instead.")
+    chat, tools, question, plan = _search_chat(rng, world, town, attribute, thinking=True)
+    meta: dict[str, Any] = {"failure": None}
+    if wrong_first:
+        hits = _hit_towns(corpus, chat.call(plan, [("search", wrong)], tools, failed=True)[0])
+        if hits != found:
+            raise AssertionError(f"search {wrong} gave {hits} in the conversation and {found} before it")
+        plan = (f"The hits are about {_listed(found)}, not {town.name}: I wrote {typo} for {town.name}. "
+                f"Searching for {town.name} instead.")
+        meta = {"failure": "wrong_hits", "typo": typo, "wrong_name": kind}
     sentence = _search(chat, tools, rng, town, attribute, plan, 0.0)
-    return _search_sample("tool_search_check", chat, town, attribute, sentence, question, split,
-                          failure="wrong_hits", typo=typo, wrong_name=kind)
+    found = _hit_towns(corpus, chat.messages[-1]["content"])
+    check = f"The hits are about {_listed(found)}: {town.name} is the town asked."
+    return _search_sample("tool_search_check", chat, town, attribute, sentence, question, split, check, **meta)
 
 
 # ---------------------------------------------------------------------------------------------

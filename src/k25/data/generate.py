@@ -78,7 +78,7 @@ FAMILY_DESCRIPTIONS = {
     "tool_calc_agent": "the tool_calc problems under `k25 agent`'s tools (the interpreter declared too)",
     "tool_python": "counting/number tasks via python(code), incl. fixing a failing program",
     "tool_search": "facts about generated towns via search(query, k), incl. a misspelled/failed search",
-    "tool_search_check": "searches whose first query misspells the town: other towns' hits, noticed, searched again",
+    "tool_search_check": "searches that name the hits' towns before using them; half first misspell the town and retry",
     "agent": "several sequential searches, then the calculator or Python",
     "agent_docs": "the agent tasks under `k25 agent --docs`'s tools (open_document declared too)",
     "swarm": "orchestrator: create_subagent, parallel assign_task, combine",
