@@ -193,6 +193,14 @@ def test_turn_check_counts_a_malformed_section_without_calls_as_one_invalid_call
     assert check_turn(parse_output(open_call, thinking=False), tools, cut_off=True).kinds == {"cut_off": 1}
     assert check_turn(parse_output(open_call, thinking=False), tools).kinds == {"malformed": 1}
     assert check_turn(parse_output(garbled, thinking=False), tools, cut_off=True).kinds == {"malformed": 1}
+    # a whole call, then the budget ends the next one: the first stays valid
+    two = ok.replace("<|tool_calls_section_end|>", "") + open_call.replace("<|tool_calls_section_begin|>", "")
+    check = check_turn(parse_output(two, thinking=False), tools, cut_off=True)
+    assert (check.calls, check.valid) == (2, 1) and check.kinds == {"cut_off": 1}
+    # the budget ends the output before the section's closing marker: the call is invalid through it
+    unclosed = parse_output(ok.replace("<|tool_calls_section_end|>", ""), thinking=False)
+    assert check_turn(unclosed, tools, cut_off=True).kinds == {"cut_off": 1}
+    assert check_turn(unclosed, tools).kinds == {"malformed": 1}
     # A reply cut off while reasoning is not a tool-call problem.
     assert check_turn(parse_output("still thinking", thinking=True), tools).calls == 0
 

@@ -158,6 +158,10 @@ def check_turn(parsed: ParsedOutput, tools: Sequence[dict[str, Any]] | None, cut
     """
     section = [e for e in parsed.errors if not e.startswith(("tool call ", *_NOT_TOOL_ERRORS))]
     declared = {t["function"]["name"] for t in tools or () if t.get("type") == "function"}
+
+    def markers_kind(errors: list[str]) -> str:  # the budget ended the output, or the model broke the format
+        return "cut_off" if cut_off and all(e.startswith("output ended") for e in errors) else "malformed"
+
     out = TurnCheck()
     for c in parsed.tool_calls:
         why = ([c.error] if c.error else []) + check_tool_call(c.name, c.arguments, tools) + section
@@ -166,18 +170,16 @@ def check_turn(parsed: ParsedOutput, tools: Sequence[dict[str, Any]] | None, cut
             out.valid += 1
             continue
         out.problems.append(f"{c.name or '(no name)'}: {'; '.join(why)}")
-        markers = c.error and not c.error.startswith(_BAD_JSON)  # the parser's own problem beyond the JSON
-        if markers and cut_off and c.error.startswith("output ended"):
-            out.kinds["cut_off"] += 1
-        elif markers or section:
-            out.kinds["malformed"] += 1
+        if c.error and not c.error.startswith(_BAD_JSON):  # the parser's own problem beyond the JSON
+            out.kinds[markers_kind([c.error])] += 1
+        elif section:
+            out.kinds[markers_kind(section)] += 1
         else:
             out.kinds["undeclared" if c.name not in declared else "arguments"] += 1
     if section and not parsed.tool_calls:
         out.calls += 1
         out.problems.append(f"malformed tool-call section: {'; '.join(section)}")
-        ended = cut_off and any(e.startswith("output ended") for e in section)
-        out.kinds["cut_off" if ended else "malformed"] += 1
+        out.kinds[markers_kind(section)] += 1
     return out
 
 
