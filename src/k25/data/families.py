@@ -414,6 +414,29 @@ def _listed(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+@dataclass
+class _WrongSearch:
+    """A first query with the town's name wrong: its arguments, the name written and its kind, the hits' towns."""
+
+    args: dict[str, Any]
+    typo: str
+    kind: str
+    found: list[str]
+
+
+def _draw_wrong_search(rng: random.Random, world: World) -> tuple[str, Town, str, _WrongSearch]:
+    """A town, an attribute and a wrong first query for them whose hits are other towns' documents."""
+    corpus = world.corpus
+    while True:  # the keyword alone ranks a few documents first; a town among them cannot be missed
+        split, (town,) = world.draw_towns(rng, 1)
+        attribute = rng.choice(list(ATTRIBUTES))
+        typo, kind = _wrong_name(rng, world, town)
+        args = {"query": f"{typo} {ATTRIBUTES[attribute][1]}", "k": rng.choice((1, 2, 3, 3))}
+        found = _hit_towns(corpus, corpus.search_tool(args["query"], args["k"]))
+        if found and town.name not in found:
+            return split, town, attribute, _WrongSearch(args, typo, kind, found)
+
+
 def sample_search_check(rng: random.Random, world: World) -> Sample:
     """A search that reads whose documents the hits are before it uses them (Thinking mode).
 
@@ -432,26 +455,20 @@ def sample_search_check(rng: random.Random, world: World) -> Sample:
     alone). That turn is context, not a target.
     """
     corpus = world.corpus
-    wrong_first = rng.random() < 0.5
-    while True:  # the keyword alone ranks a few documents first; a town among them cannot be missed
+    if rng.random() < 0.5:
+        split, town, attribute, wrong = _draw_wrong_search(rng, world)
+    else:
         split, (town,) = world.draw_towns(rng, 1)
-        attribute = rng.choice(list(ATTRIBUTES))
-        if not wrong_first:
-            break
-        typo, kind = _wrong_name(rng, world, town)
-        wrong = {"query": f"{typo} {ATTRIBUTES[attribute][1]}", "k": rng.choice((1, 2, 3, 3))}
-        found = _hit_towns(corpus, corpus.search_tool(wrong["query"], wrong["k"]))
-        if found and town.name not in found:
-            break
+        attribute, wrong = rng.choice(list(ATTRIBUTES)), None
     chat, tools, question, plan = _search_chat(rng, world, town, attribute, thinking=True)
     meta: dict[str, Any] = {"failure": None}
-    if wrong_first:
-        hits = _hit_towns(corpus, chat.call(plan, [("search", wrong)], tools, failed=True)[0])
-        if hits != found:
-            raise AssertionError(f"search {wrong} gave {hits} in the conversation and {found} before it")
-        plan = (f"The hits are about {_listed(found)}, not {town.name}: I wrote {typo} for {town.name}. "
+    if wrong is not None:
+        found = _hit_towns(corpus, chat.call(plan, [("search", wrong.args)], tools, failed=True)[0])
+        if found != wrong.found:
+            raise AssertionError(f"search {wrong.args} gave {found} in the conversation and {wrong.found} before it")
+        plan = (f"The hits are about {_listed(found)}, not {town.name}: I wrote {wrong.typo} for {town.name}. "
                 f"Searching for {town.name} instead.")
-        meta = {"failure": "wrong_hits", "typo": typo, "wrong_name": kind}
+        meta = {"failure": "wrong_hits", "typo": wrong.typo, "wrong_name": wrong.kind}
     sentence = _search(chat, tools, rng, town, attribute, plan, 0.0)
     found = _hit_towns(corpus, chat.messages[-1]["content"])
     check = f"The hits are about {_listed(found)}: {town.name} is the town asked."
