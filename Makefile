@@ -38,10 +38,10 @@ run: install
 	  $(BIN)/k25 serve out/tiny-random --port $(PORT) --served-model-name k25-tiny-random; \
 	fi
 
-# Reproduce the shipped k25-mini from nothing (run 10: copying, pretraining, a tower aligned to the pretrained embeddings,
+# Reproduce the shipped k25-mini from nothing (run 14: copying, pretraining, a tower aligned to the pretrained embeddings,
 # then SFT with the pictures mixed in from its first step, QAT and run 6's export; then SFT with the swarm's batch form,
-# QAT and run 7's export; then two more SFT + QAT rounds (runs 9 and 10) with data about towns with new names, the last
-# export, $(R)/k25-mini10, is the one that ships; ~4 h 30 min alone; the model card,
+# QAT and run 7's export; then three more SFT + QAT rounds (runs 9, 10 and 14) with data about towns with new names, the
+# last export, $(R)/k25-mini14, is the one that ships; ~5 h 5 min alone; the model card,
 # src/k25/weights/k25-mini/README.md, records every phase with its time and figures; docs/k25-mini.md has the
 # earlier runs). Resumable: rerun after an interruption. (The phases that changed since run 3d write to new
 # directories, e.g. $(R)/esft, so a checkout that ran an earlier recipe does not resume the wrong run.)
@@ -103,6 +103,10 @@ MINI_N_SFT = $(K25) train sft $(MINI_VISION) $(filter-out $(R)/mix/swarm.jsonl $
 MINI_W_SFT = $(MINI_N_SFT) $(R)/sdata1/swarm_batch/train.jsonl $(R)/sdata2/swarm_batch/train.jsonl \
   $(R)/sdata1/swarm_batch_sub/first800.jsonl $(R)/sdata2/swarm_batch_sub/first800.jsonl \
   $(R)/edata/tool_calc_agent/first1500.jsonl
+# phases 12-13 (run 14): run 10's mixture + the search that names its hits' towns before using them
+# (tool_search_check about towns with new names, seeds 1, 2) + 3,000 more reading pictures (the next ones drawn)
+MINI_K_SFT = $(MINI_W_SFT) $(R)/kdata1c/tool_search_check/train.jsonl $(R)/kdata2c/tool_search_check/train.jsonl \
+  $(R)/vdata/vision_read/next3000.jsonl
 k25-mini-train:
 	# 1. copying first, from random init: the copy family only, 300 steps, then 150 more (a second run)
 	$(K25) train sft $(R)/cdata/copy/train.jsonl --eval-data $(R)/cdata/copy/heldout.jsonl --pack --model k25-mini \
@@ -143,7 +147,7 @@ k25-mini-train:
 	test -f $(R)/k25-mini/config.json || $(K25) quantize $(R)/qat6/checkpoints/step-00000030 $(R)/k25-mini \
 	  --dtype bfloat16
 	# 6. run 7: SFT from run 6's INT4 export (experts dequantized) with the swarm's batch form (400 steps, cosine
-	#    from 0.001, seed 6), then 7. QAT again and the INT4 export that ships
+	#    from 0.001, seed 6), then 7. QAT again and its INT4 export
 	$(MINI_B_SFT) --eval-data $(MINI_EVAL) $(MINI_VEVAL) $(R)/cdata/copy/heldout.jsonl $(R)/bdata/swarm_batch/heldout.jsonl \
 	  --pack --model $(R)/k25-mini $(MINI_COMMON) --seq-len 1536 --batch-size 3 --steps 400 --lr 0.001 --vision-lr 0.0003 \
 	  --warmup-steps 10 --schedule cosine --seed 6 --eval-every 100 --eval-batches 4 --save-every 50 --out $(R)/bsft
@@ -153,7 +157,7 @@ k25-mini-train:
 	test -f $(R)/k25-mini7/config.json || $(K25) quantize $(R)/qat7/checkpoints/step-00000030 $(R)/k25-mini7 \
 	  --dtype bfloat16
 	# 8. run 9: SFT from run 7's INT4 export on the rebalanced mixture (300 steps, cosine from 0.0007, seed 8), then
-	#    9. QAT again and the INT4 export that ships
+	#    9. QAT again and its INT4 export
 	test -f $(D)/stats.json || $(K25) data generate --out $(D) --seed 0 --n-per-family 4000 \
 	  --families agent_docs,tool_search,tool_python
 	tail -n 2000 $(D)/tool_python/train.jsonl | head -n 1000 > $(D)/tool_python/second1000.jsonl
@@ -171,7 +175,7 @@ k25-mini-train:
 	test -f $(R)/k25-mini9/config.json || $(K25) quantize $(R)/qat9/checkpoints/step-00000030 $(R)/k25-mini9 \
 	  --dtype bfloat16
 	# 10. run 10: SFT from run 9's INT4 export with the new-name swarm traces and tool_calc_agent added (300 steps,
-	#     cosine from 0.0007, seed 10), then 11. QAT again and the INT4 export that ships
+	#     cosine from 0.0007, seed 10), then 11. QAT again and its INT4 export
 	test -f $(R)/edata/stats.json || $(K25) data generate --out $(R)/edata --seed 0 --n-per-family 2000 \
 	  --families tool_calc_agent
 	head -n 1500 $(R)/edata/tool_calc_agent/train.jsonl > $(R)/edata/tool_calc_agent/first1500.jsonl
@@ -188,8 +192,25 @@ k25-mini-train:
 	  --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat10
 	test -f $(R)/k25-mini10/config.json || $(K25) quantize $(R)/qat10/checkpoints/step-00000030 $(R)/k25-mini10 \
 	  --dtype bfloat16
+	# 12. run 14: SFT from run 10's INT4 export with tool_search_check and more reading pictures added (300 steps,
+	#     cosine from 0.0007, seed 14), then 13. QAT again and the INT4 export that ships
+	for s in 1 2; do test -f $(R)/kdata$${s}c/stats.json || $(K25) data generate --out $(R)/kdata$${s}c --seed $$s \
+	  --n-per-family 1000 --n-heldout 0 --families tool_search_check --avoid-names-of $(M)/data; done
+	test -f $(R)/kdata0c/stats.json || $(K25) data generate --out $(R)/kdata0c --seed 0 --n-per-family 100 \
+	  --n-heldout 100 --families tool_search_check
+	sed -n 3001,6000p $(R)/vdata/vision_read/train.jsonl > $(R)/vdata/vision_read/next3000.jsonl
+	$(MINI_K_SFT) --eval-data $(MINI_EVAL) $(R)/vdata/vision_read/heldout.jsonl $(R)/cdata/copy/heldout.jsonl \
+	  $(R)/bdata/swarm_batch/heldout.jsonl $(D)/agent_docs/heldout.jsonl $(R)/edata/tool_calc_agent/heldout.jsonl \
+	  $(R)/kdata0c/tool_search_check/heldout.jsonl --pack --model $(R)/k25-mini10 $(MINI_COMMON) --seq-len 1536 \
+	  --batch-size 3 --steps 300 --lr 0.0007 --vision-lr 0.0003 --warmup-steps 10 --schedule cosine --seed 14 \
+	  --eval-every 100 --eval-batches 4 --save-every 50 --out $(R)/osft
+	$(MINI_K_SFT) --eval-data $(MINI_EVAL) $(R)/bdata/swarm_batch/heldout.jsonl --pack --qat int4 \
+	  --model $(R)/osft/checkpoints/step-00000300 $(MINI_COMMON) --seq-len 1536 --batch-size 3 --steps 30 --lr 0.0005 \
+	  --vision-lr 0.0003 --warmup-steps 3 --eval-every 10 --eval-batches 4 --save-every 10 --out $(R)/qat14
+	test -f $(R)/k25-mini14/config.json || $(K25) quantize $(R)/qat14/checkpoints/step-00000030 $(R)/k25-mini14 \
+	  --dtype bfloat16
 	# greedy by default when served (its figures are greedy); a request's temperature still wins
-	printf '{\n  "do_sample": false\n}\n' > $(R)/k25-mini10/generation_config.json
+	printf '{\n  "do_sample": false\n}\n' > $(R)/k25-mini14/generation_config.json
 
 lint: install
 	$(BIN)/ruff check src tests

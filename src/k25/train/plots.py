@@ -73,12 +73,16 @@ def plot_runs(
     if log_y:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if chain:
+        # a chain's phases fill the whole x range: the legend goes below the axes, never over a curve
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize="small")
+    else:
+        ax.legend()
     if title:
         ax.set_title(title)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
