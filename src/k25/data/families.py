@@ -353,8 +353,8 @@ def _search_sample(
     """The answer quoting the found sentence (after ``check``, a reasoning sentence), and the search task's record."""
     key = f"search:{town.name}:{attribute}"
     value = town.fact(attribute)
-    reasoning = f'{check} The document says: "{sentence}"' if check else f'The document says: "{sentence}"'
-    chat.answer(reasoning, _FINAL_FACT[attribute].format(town=town.name, value=value))
+    prefix = f"{check} " if check else ""
+    chat.answer(f'{prefix}The document says: "{sentence}"', _FINAL_FACT[attribute].format(town=town.name, value=value))
     answer_type = "number" if attribute in ("founded", "population") else "text"
     rec = record(family, chat, value, answer_type, key, towns=[town.name], attribute=attribute, **meta)
     return Sample(key, {family: [rec]}, uid=f"{key}:{question}", split=split)
